@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Install the one pinned llama.cpp (through llama-cpp-python's sdist, which vendors it) into a Python environment:
+#   - the llama_cpp bindings (inference, llama_model_quantize), compiled once and cached as a wheel;
+#   - llama.cpp's own convert_hf_to_gguf.py + conversion/ + gguf-py, copied to <prefix>/share/so8t/llama.cpp
+#     (gguf-py is also installed as the `gguf` package: the converter needs that one, not PyPI's).
+# Usage: scripts/install-llama-cpp.sh [PYTHON]     (default: python3; the venv's python in `make test`)
+# The cache lives outside the repo: $SO8T_CACHE (default ~/.cache/so8t), keyed by version and build flags.
+set -euo pipefail
+
+LLAMA_CPP_PYTHON_VERSION="0.3.36"   # the single pin: native path and converter image alike
+CMAKE_FLAGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF"
+
+PY="${1:-python3}"
+CACHE="${SO8T_CACHE:-$HOME/.cache/so8t}"
+KEY="llama-cpp-python-${LLAMA_CPP_PYTHON_VERSION}-$(printf '%s' "$CMAKE_FLAGS $($PY -c 'import sys;print(sys.version_info[:2])')" | sha256sum | cut -c1-12)"
+DIR="$CACHE/$KEY"
+PREFIX="$($PY -c 'import sys; print(sys.prefix)')"
+SHARE="$PREFIX/share/so8t/llama.cpp"
+
+installed="$($PY -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))' 2>/dev/null || true)"
+if [ "$installed" = "$LLAMA_CPP_PYTHON_VERSION" ] && [ -f "$SHARE/convert_hf_to_gguf.py" ] && [ -f "$SHARE/VERSION" ] \
+   && [ "$(cat "$SHARE/VERSION")" = "$LLAMA_CPP_PYTHON_VERSION" ]; then
+  echo "llama.cpp (llama-cpp-python $LLAMA_CPP_PYTHON_VERSION) already installed in $PREFIX"
+  exit 0
+fi
+
+mkdir -p "$DIR"
+if [ ! -f "$DIR/sdist.done" ]; then
+  echo ">> downloading llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist"
+  rm -rf "$DIR/sdist" && mkdir -p "$DIR/sdist"
+  $PY -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$DIR/sdist"
+  tar -xzf "$DIR"/sdist/llama_cpp_python-*.tar.gz -C "$DIR/sdist"
+  touch "$DIR/sdist.done"
+fi
+SRC="$(ls -d "$DIR"/sdist/llama_cpp_python-*/ | head -n1)"
+VENDOR="$SRC/vendor/llama.cpp"
+
+if ! ls "$DIR"/wheel/llama_cpp_python-*.whl >/dev/null 2>&1; then
+  echo ">> compiling llama.cpp (CMAKE_ARGS=$CMAKE_FLAGS): a few minutes on first use, cached afterwards"
+  rm -rf "$DIR/wheel.tmp"
+  CMAKE_ARGS="$CMAKE_FLAGS" $PY -m pip wheel --quiet --no-deps "$SRC" -w "$DIR/wheel.tmp"
+  mv "$DIR/wheel.tmp" "$DIR/wheel"
+fi
+
+echo ">> installing llama-cpp-python and llama.cpp's gguf-py into $PREFIX"
+$PY -m pip install --quiet --no-deps --force-reinstall "$DIR"/wheel/llama_cpp_python-*.whl
+$PY -m pip install --quiet --no-deps --force-reinstall "$VENDOR/gguf-py"
+$PY -m pip install --quiet "diskcache>=5.6" "jinja2>=2.11"   # llama_cpp's own runtime needs
+
+rm -rf "$SHARE.tmp" && mkdir -p "$SHARE.tmp"
+cp "$VENDOR/convert_hf_to_gguf.py" "$SHARE.tmp/"
+cp -r "$VENDOR/conversion" "$SHARE.tmp/"
+[ -d "$VENDOR/gguf-py" ] && cp -r "$VENDOR/gguf-py" "$SHARE.tmp/"
+echo "$LLAMA_CPP_PYTHON_VERSION" > "$SHARE.tmp/VERSION"
+rm -rf "$SHARE" && mv "$SHARE.tmp" "$SHARE"
+echo "llama.cpp ready: bindings $LLAMA_CPP_PYTHON_VERSION, converter at $SHARE"

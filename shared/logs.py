@@ -1,0 +1,37 @@
+"""Readable logs and progress bars for every stage."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Iterable, Iterator, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def setup(level: str | int | None = None) -> None:
+    """Configure root logging once: time, level, stage name, message. $SO8T_LOG_LEVEL overrides."""
+    level = level or os.environ.get("SO8T_LOG_LEVEL", "INFO")
+    root = logging.getLogger()
+    if not any(getattr(h, "_so8t", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+        handler._so8t = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def get(name: str) -> logging.Logger:
+    return logging.getLogger(f"so8t.{name}")
+
+
+def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it") -> Iterator[T]:
+    """A progress bar on stderr; quiet when stderr is not a terminal unless $SO8T_PROGRESS=1."""
+    force = os.environ.get("SO8T_PROGRESS")
+    disable = (force == "0") or (force is None and not sys.stderr.isatty())
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, mininterval=0.5)

@@ -1,0 +1,133 @@
+"""The SO(8) rotation gate (DESIGN.md, fixed conventions). One implementation: the trainer uses `SO8Gate`
+as a module on the input of `self_attn.o_proj`, the baker folds the same rotation with `fold_into_weight`.
+
+- Per gated layer a parameter A of shape [k, 8, 8] (float32), hidden size D = 8k.
+- Generator G = A - Aᵀ, rotation R_n = matrix_exp(G_n): orthogonal, det +1.
+- Column convention: block n of the input becomes R_n · x_n, so o_proj(gate(x)) = W · blockdiag(R) · x and the
+  exact bake is W' = W @ blockdiag(R).
+- Saved as safetensors with keys ``layers.<i>.A`` plus metadata (layer indices, conventions).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BLOCK = 8
+GATES_FILE = "so8t_gates.safetensors"
+CONVENTION = "x_n -> R_n x_n on o_proj input; R = matrix_exp(A - A^T); bake W' = W @ blockdiag(R)"
+
+
+def rotations(A: torch.Tensor) -> torch.Tensor:
+    """[k, 8, 8] parameters -> [k, 8, 8] rotations, computed in float32."""
+    A = A.float()
+    return torch.linalg.matrix_exp(A - A.transpose(-1, -2))
+
+
+def block_diag(R: torch.Tensor) -> torch.Tensor:
+    """[k, 8, 8] -> the [8k, 8k] block-diagonal matrix."""
+    return torch.block_diag(*R.unbind(0))
+
+
+def apply_rotation(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """x[..., 8k] -> each 8-block x_n replaced by R_n @ x_n."""
+    k = R.shape[0]
+    xb = x.reshape(*x.shape[:-1], k, BLOCK)
+    return torch.einsum("kij,...kj->...ki", R.to(x.dtype), xb).reshape(x.shape)
+
+
+def fold_into_weight(W: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """W' = W @ blockdiag(R), computed block by block in float32 (no [D, D] matrix is built)."""
+    out_features, d = W.shape
+    k = R.shape[0]
+    if d != k * BLOCK:
+        raise ValueError(f"weight has {d} input features, rotation covers {k * BLOCK}")
+    Wb = W.float().reshape(out_features, k, BLOCK)
+    return torch.einsum("oki,kij->okj", Wb, R.float()).reshape(out_features, d)
+
+
+def orthogonality_error(R: torch.Tensor) -> torch.Tensor:
+    """mean ‖RᵀR − I‖² over the blocks (the prototype's regulariser)."""
+    eye = torch.eye(BLOCK, device=R.device, dtype=R.dtype)
+    return ((R.transpose(-1, -2) @ R - eye) ** 2).sum(dim=(-1, -2)).mean()
+
+
+class SO8Gate(nn.Module):
+    """Trainable block rotation of a hidden vector; `init_scale` 0 is the exact identity."""
+
+    def __init__(self, hidden_size: int, init_scale: float = 0.05, generator: torch.Generator | None = None):
+        super().__init__()
+        if hidden_size % BLOCK:
+            raise ValueError(f"hidden size {hidden_size} is not a multiple of {BLOCK}")
+        A = torch.randn(hidden_size // BLOCK, BLOCK, BLOCK, generator=generator) * init_scale
+        self.A = nn.Parameter(A.float())
+
+    def rotation(self) -> torch.Tensor:
+        return rotations(self.A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_rotation(x, self.rotation())
+
+    def extra_repr(self) -> str:
+        return f"blocks={self.A.shape[0]}, block=8"
+
+
+def rotation_stats(A: torch.Tensor) -> dict[str, float]:
+    """Angle norm (‖G‖ per block: how far from the identity) and max |RᵀR − I| for one layer."""
+    G = A.float() - A.float().transpose(-1, -2)
+    R = rotations(A)
+    eye = torch.eye(BLOCK)
+    ortho = (R.transpose(-1, -2) @ R - eye).abs().max().item()
+    norms = torch.linalg.matrix_norm(G, ord="fro")
+    return {
+        "angle_norm_mean": float(norms.mean()),
+        "angle_norm_max": float(norms.max()),
+        "max_abs_RtR_minus_I": float(ortho),
+        "det_min": float(torch.linalg.det(R.double()).min()),
+    }
+
+
+def save_gates(path: str | Path, gates: dict[int, torch.Tensor], hidden_size: int) -> None:
+    """Write ``layers.<i>.A`` tensors (float32 [k, 8, 8]) with metadata, atomically."""
+    from safetensors.torch import save
+
+    from shared import atomic
+
+    tensors = {f"layers.{i}.A": A.detach().float().contiguous().cpu() for i, A in sorted(gates.items())}
+    meta = {
+        "format": "so8t-gates/1",
+        "layer_indices": json.dumps(sorted(gates)),
+        "hidden_size": str(hidden_size),
+        "convention": CONVENTION,
+    }
+    atomic.write_bytes(path, save(tensors, metadata=meta))
+
+
+def load_gates(path: str | Path) -> tuple[dict[int, torch.Tensor], dict[str, str]]:
+    """Read a gates file; raises ValueError naming the file when it is not one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: gates file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            gates = {}
+            for key in f.keys():
+                parts = key.split(".")
+                if len(parts) != 3 or parts[0] != "layers" or parts[2] != "A" or not parts[1].isdigit():
+                    raise ValueError(f"{path}: unexpected tensor {key!r}")
+                A = f.get_tensor(key)
+                if A.ndim != 3 or A.shape[1:] != (BLOCK, BLOCK):
+                    raise ValueError(f"{path}: {key} has shape {tuple(A.shape)}, expected [k, 8, 8]")
+                gates[int(parts[1])] = A.float()
+    except ValueError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+        raise ValueError(f"{path}: unreadable gates file ({err})") from None
+    if meta.get("format") != "so8t-gates/1":
+        raise ValueError(f"{path}: not an so8t gates file (metadata format={meta.get('format')!r})")
+    return gates, meta

@@ -1,0 +1,34 @@
+"""Fixtures shared by every stage's tests: the tiny Phi-3 and, when present, the real Phi-3.5 tokenizer."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_TOKENIZER = Path(os.environ.get("SO8T_REAL_TOKENIZER", REPO.parent / "shared" / "fixtures" / "phi35-tokenizer"))
+
+os.environ.setdefault("SO8T_PROGRESS", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny Phi-3 (random weights, seed 0) with tokenizer; read-only for tests, copy before changing."""
+    from shared.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dir() -> Path:
+    if not (REAL_TOKENIZER / "tokenizer_config.json").is_file():
+        pytest.skip(f"real Phi-3.5 tokenizer not present at {REAL_TOKENIZER}")
+    return REAL_TOKENIZER
