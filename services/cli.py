@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from shared import logs
@@ -29,8 +30,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def _available() -> dict[str, tuple[str, str]]:
     out = {}
     for name, (module, help_) in COMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
-            out[name] = (module, help_)
+        try:
+            if importlib.util.find_spec(module) is not None:
+                out[name] = (module, help_)
+        except ModuleNotFoundError:  # a stage package not installed in this image
+            pass
     return out
 
 

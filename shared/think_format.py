@@ -208,3 +208,24 @@ def parse(output: str) -> Parsed:
     if has_tag(text) or has_heading(text):
         return _bad(None, "text before the first thinking marker")
     return _bad(None, "no thinking section")
+
+
+_SYSTEM_PROMPTS = {
+    "simple": (
+        "あなたは安全性に配慮するアシスタントです。まず「# 思考ステップ」の見出しの下で、依頼の内容、安全性の評価"
+        "（最後に「判定: ALLOW / ESCALATION / DENY / REFUSE」のいずれか）、適用する方針を考えます。"
+        "次に「# 最終回答」の見出しの下に、利用者に見せる回答だけを書きます。"
+    ),
+    "quadruple": (
+        "あなたは安全性に配慮するアシスタントです。<think-task>に依頼の内容、<think-safety>に安全性の評価"
+        "（最後に「判定: ALLOW / ESCALATION / DENY / REFUSE」のいずれか）、<think-policy>に適用する方針を書き、"
+        "最後に<final>へ利用者に見せる回答だけを書きます。"
+    ),
+}
+
+
+def system_prompt(fmt: Format) -> str:
+    """The system prompt of a format: used in the training records, the Modelfile's SYSTEM and the think API."""
+    if fmt not in _SYSTEM_PROMPTS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    return _SYSTEM_PROMPTS[fmt]

@@ -1,0 +1,208 @@
+"""Build train/val/rejects from four-class JSONL files. Nothing is lost: read = written + duplicates + rejected.
+
+Two passes in bounded memory: pass 1 validates and renders each line, spooling accepted records to a temp file and
+keeping only (label, split key) per record; pass 2 streams the spool into train/val. The split is stratified by
+label and depends only on the records and the seed, so the same inputs and seed give byte-identical outputs.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from services.dataset import quality
+from services.dataset.records import Reject, parse_line
+from services.dataset.thinking import derive, from_existing
+from shared import atomic, logs, manifest
+from shared.config import StrictModel
+from shared.think_format import render_assistant, render_chat, system_prompt
+
+log = logs.get("dataset")
+BUILDER_VERSION = 1
+OUTPUTS = ("train.jsonl", "val.jsonl", "rejects.jsonl")
+SHOWN_REJECTS = 100  # rejects kept for the console summary; all of them are in rejects.jsonl
+
+
+class DatasetOptions(StrictModel):
+    format: Literal["simple", "quadruple"] = "simple"
+    val_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    seed: int = 42
+    min_quality: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class InputError(ValueError):
+    """The input globs match nothing, or a matched file cannot be read."""
+
+
+@dataclass
+class FileStats:
+    read: int = 0
+    written: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+
+
+@dataclass
+class Result:
+    skipped: bool
+    output: Path
+    metrics: dict = field(default_factory=dict)
+    rejects: list[dict] = field(default_factory=list)
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for pattern in patterns:
+        matched = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not matched:
+            raise InputError(f"input {pattern!r} matches no file")
+        files.extend(p for p in matched if p not in files)
+    return files
+
+
+def _record(obj: dict, src, opts: DatasetOptions, where: str) -> dict:
+    parts = from_existing(src) or derive(src)
+    try:
+        assistant = render_assistant(parts[0], parts[1], opts.format)
+    except ValueError as err:
+        raise Reject("format_marker_in_text", f"cannot render: {err}") from None
+    messages = [{"role": "system", "content": src.system or system_prompt(opts.format)},
+                {"role": "user", "content": src.user},
+                {"role": "assistant", "content": assistant}]
+    text = render_chat(messages)
+    return {
+        "id": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "messages": messages,
+        "text": text,
+        "four_class_label": src.label,
+        "domain_label": src.domain or None,
+        "safety_label": src.safety or None,
+        "format": opts.format,
+        "lang": src.lang,
+        "quality": quality.score(parts[0].text()),
+        "source": where,
+    }
+
+
+def _val_ids(keys: dict[str, list[tuple[str, int]]], ratio: float) -> set[int]:
+    """Per label, the round(n·ratio) records with the smallest seeded keys go to val (train keeps at least one)."""
+    val: set[int] = set()
+    for items in keys.values():
+        n = len(items)
+        k = min(int(n * ratio + 0.5), n - 1) if ratio > 0 else 0
+        val.update(idx for _, idx in sorted(items)[:k])
+    return val
+
+
+def build(patterns: list[str], output: str | Path, opts: DatasetOptions, force: bool = False) -> Result:
+    """Build the dataset in `output`; skipped when its manifest already matches the inputs and options."""
+    started = time.time()
+    output = Path(output)
+    files = expand_inputs(patterns)
+    inputs = {str(p): manifest.describe_input(p) for p in files}
+    config = opts.model_dump() | {"builder_version": BUILDER_VERSION}
+    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    if not force and manifest.is_up_to_date(output, "dataset", inputs, config_hash):
+        log.info("dataset in %s is up to date with its %d input file(s): skipped", output, len(files))
+        return Result(skipped=True, output=output, metrics=manifest.read(output)["metrics"])
+
+    per_file: dict[str, FileStats] = {str(p): FileStats() for p in files}
+    reasons: Counter = Counter()
+    labels: Counter = Counter()
+    seen: set[bytes] = set()
+    keys: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    quality_scores: list[float] = []
+    rejects: list[dict] = []
+    count = 0
+
+    with atomic.staging_dir(output) as stage, tempfile.TemporaryFile("w+", encoding="utf-8", dir=stage) as spool, \
+            open(stage / "rejects.jsonl", "w", encoding="utf-8", newline="\n") as rej:
+
+        def reject(where_file: str, lineno: int, raw: bytes, r: Reject) -> None:
+            row = {"file": where_file, "line": lineno, "reason": r.reason, "field": r.field, "message": r.message,
+                   "raw": raw.decode("utf-8", errors="backslashreplace")}
+            rej.write(json.dumps(row, ensure_ascii=False) + "\n")
+            per_file[where_file].rejected += 1
+            reasons[r.reason] += 1
+            if len(rejects) < SHOWN_REJECTS:
+                rejects.append(row)
+
+        for path in files:
+            name = str(path)
+            stats = per_file[name]
+            try:
+                fh = open(path, "rb")
+            except OSError as err:
+                raise InputError(f"{path}: cannot read ({err.strerror})") from None
+            with fh:
+                for lineno, raw in enumerate(logs.progress(fh, desc=path.name, unit="line"), start=1):
+                    raw = raw.rstrip(b"\r\n")
+                    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                        raw = raw[3:]  # UTF-8 byte-order mark
+                    if not raw.strip():
+                        continue  # blank lines are layout, not records
+                    stats.read += 1
+                    try:
+                        if len(raw) > 1 << 20:
+                            raise Reject("line_too_long", f"line is {len(raw)} bytes (limit 1 MiB)")
+                        obj, src = parse_line(raw)
+                        rec = _record(obj, src, opts, f"{name}:{lineno}")
+                        if opts.min_quality is not None and rec["quality"] < opts.min_quality:
+                            raise Reject("low_quality", f"thinking quality {rec['quality']} < {opts.min_quality}")
+                    except Reject as r:
+                        reject(name, lineno, raw, r)
+                        continue
+                    digest = hashlib.sha256(rec["text"].encode()).digest()
+                    if digest in seen:
+                        stats.duplicates += 1
+                        continue
+                    seen.add(digest)
+                    keys[rec["four_class_label"]].append(
+                        (hashlib.sha256(f"{opts.seed}:{rec['text']}".encode()).hexdigest(), count))
+                    quality_scores.append(rec["quality"])
+                    labels[rec["four_class_label"]] += 1
+                    spool.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    stats.written += 1
+                    count += 1
+
+        if count == 0:
+            raise InputError("no usable record in the input: every line was rejected (see the summary above)")
+
+        val = _val_ids(keys, opts.val_ratio)
+        split = Counter()
+        spool.seek(0)
+        with open(stage / "train.jsonl", "w", encoding="utf-8", newline="\n") as train, \
+                open(stage / "val.jsonl", "w", encoding="utf-8", newline="\n") as valf:
+            for idx, line in enumerate(spool):
+                (valf if idx in val else train).write(line)
+                split["val" if idx in val else "train"] += 1
+        rej.flush()
+
+        totals = {k: sum(getattr(s, k) for s in per_file.values()) for k in ("read", "written", "duplicates", "rejected")}
+        assert totals["read"] == totals["written"] + totals["duplicates"] + totals["rejected"], totals
+        metrics = {
+            **totals,
+            "train": split["train"],
+            "val": split["val"],
+            "per_label": dict(sorted(labels.items())),
+            "per_reason": dict(sorted(reasons.items())),
+            "per_file": {k: vars(v) for k, v in per_file.items()},
+            "quality": {
+                "filter": opts.min_quality,
+                "filtered": reasons.get("low_quality", 0),
+                "mean": round(sum(quality_scores) / len(quality_scores), 4),
+                "min": min(quality_scores),
+                "max": max(quality_scores),
+            },
+        }
+        outputs = {name: manifest.sha256_file(stage / name) for name in OUTPUTS}
+        manifest.write(stage, manifest.build("dataset", inputs, config, config_hash, started, metrics, outputs))
+    return Result(skipped=False, output=output, metrics=metrics, rejects=rejects)
