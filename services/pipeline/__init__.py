@@ -1,0 +1,1 @@
+"""Native orchestrator: the whole chain on one machine, stage by stage."""
