@@ -22,6 +22,6 @@ def score(thinking: str) -> float:
         return 0.0
     connectives = min(1.0, sum(c in text for c in CONNECTIVES) / 3)
     depth = min(1.0, len([s for s in _SENTENCE.findall(text) if s.strip()]) / 6)
-    bigrams = [text[i : i + 2] for i in range(len(text) - 1)]
-    diversity = len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+    pairs = len(text) - 1
+    diversity = len(set(map(str.__add__, text, text[1:]))) / pairs if pairs > 0 else 0.0
     return round(0.4 * connectives + 0.3 * depth + 0.3 * diversity, 4)

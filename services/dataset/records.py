@@ -9,6 +9,7 @@ from shared.think_format import LABELS
 
 TEXT_FIELDS = ("instruction", "input", "output", "text", "title", "keyword", "system")
 LABEL_FIELDS = ("four_class_label", "domain_label", "safety_label")
+_LETTER = re.compile(r"[^\W\d_]")
 _JA = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uff66-\uff9f]")
 
 
@@ -38,7 +39,7 @@ def detect_lang(text: str) -> str:
     if not text:
         return "ja"
     ja = len(_JA.findall(text))
-    letters = sum(ch.isalpha() for ch in text) or 1
+    letters = len(_LETTER.findall(text)) or 1
     return "ja" if ja / letters >= 0.1 else "en"
 
 
