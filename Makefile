@@ -18,3 +18,88 @@ $(VENV)/.installed: pyproject.toml constraints.txt scripts/install-llama-cpp.sh
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+# ---- the compose stack (a GPU box with Docker and the NVIDIA container toolkit) and the native demo -------------
+# Settings live in .env (cp .env.example .env); compose reads it, make reads only the keys below from it.
+COMPOSE ?= docker compose
+env_get = $(shell sed -n 's/^$(1)=//p' .env 2>/dev/null | tail -n 1 | tr -d "\"'")
+DATA_DIR ?= $(or $(call env_get,DATA_DIR),./data)
+REGISTRY ?= $(call env_get,REGISTRY)
+RUN_ID ?= $(or $(call env_get,SO8T_RUN_ID),$(call env_get,SO8T_PROFILE),full)
+# make pipeline BUILD=0: use the images as they are (pulled from REGISTRY), build nothing
+BUILD ?= 1
+# extra arguments for one stage (make train ARGS="--max-steps 50"), one service for logs/build (SERVICE=trainer)
+ARGS ?=
+SERVICE ?=
+# stages run as the invoking user, so their files on the bind-mounted data folder are the user's
+export SO8T_UID ?= $(shell id -u)
+export SO8T_GID ?= $(shell id -g)
+PIPELINE := $(COMPOSE) --profile pipeline
+# one stage alone: no pipeline id (any upstream manifest counts), no waiting (a missing upstream fails at once)
+STAGE_RUN := $(PIPELINE) run --rm --no-deps -e SO8T_PIPELINE_ID= -e SO8T_WAIT_TIMEOUT=0
+UP_BUILD = $(if $(filter 1,$(BUILD)),--build,)
+
+.PHONY: help pipeline up down logs ps build push demo data-dir dataset train bake convert import
+
+help:  ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
+
+data-dir:  ## create the data folder (so Docker does not create it as root); seed the example input if empty
+	@mkdir -p "$(DATA_DIR)/input/four_class"
+	@if ! ls "$(DATA_DIR)"/input/four_class/*.jsonl >/dev/null 2>&1; then \
+	  cp examples/four_class/*.jsonl "$(DATA_DIR)/input/four_class/"; \
+	  echo ">> $(DATA_DIR)/input/four_class was empty: copied the example set (examples/four_class) there"; \
+	fi
+
+pipeline: data-dir  ## the whole chain in containers; follows the logs until the Ollama import + smoke test ends
+	@export SO8T_PIPELINE_ID="$$(date -u +%Y%m%dT%H%M%SZ)"; \
+	echo ">> pipeline $$SO8T_PIPELINE_ID: data in $(DATA_DIR), run $(RUN_ID)"; \
+	$(PIPELINE) up --detach $(UP_BUILD) || exit $$?; \
+	$(PIPELINE) logs --follow dataset trainer baker converter ollama-import & logs=$$!; \
+	rc=$$(docker wait "$$($(PIPELINE) ps --all --quiet ollama-import)") || rc=1; \
+	kill $$logs 2>/dev/null; wait $$logs 2>/dev/null; \
+	echo; ls -1 "$(DATA_DIR)"/runs/$(RUN_ID)/*/manifest.json "$(DATA_DIR)"/runs/$(RUN_ID)/train/final/manifest.json 2>/dev/null; \
+	if [ "$$rc" = 0 ]; then \
+	  echo ">> pipeline $$SO8T_PIPELINE_ID done: artifacts under $(DATA_DIR)/runs/$(RUN_ID)/, /think served by think-api (make ps)"; \
+	else \
+	  echo ">> ollama-import exited $$rc (its restart policy may retry it): make ps, make logs SERVICE=<stage>"; \
+	fi; exit $$rc
+
+up: data-dir  ## ollama + think-api only: serve what was imported
+	$(COMPOSE) up --detach $(UP_BUILD)
+
+down:  ## stop and remove every container of the stack (the data folder stays)
+	$(PIPELINE) down
+
+logs:  ## follow the logs (SERVICE=trainer for one)
+	$(PIPELINE) logs --follow --tail 200 $(SERVICE)
+
+ps:  ## containers of the stack and each stage's finish marker
+	$(PIPELINE) ps --all
+	@for f in "$(DATA_DIR)"/runs/$(RUN_ID)/stack/*.json; do [ -f "$$f" ] && echo "$$f: $$(tr -d '\n ' < "$$f" | cut -c1-160)"; done; true
+
+build:  ## build the three images (cuda, converter, think-api)
+	$(PIPELINE) build $(SERVICE)
+
+push:  ## build and push the images to REGISTRY (from .env), for another GPU box to pull
+	@test -n "$(REGISTRY)" || { echo "make push: set REGISTRY=<registry>/<namespace> in .env (images become \$$REGISTRY/so8t-cuda etc.)"; exit 2; }
+	REGISTRY="$(REGISTRY)" $(PIPELINE) build
+	REGISTRY="$(REGISTRY)" $(PIPELINE) push dataset converter think-api
+
+dataset: data-dir  ## one stage in its container: the dataset builder (ARGS="..." are appended)
+	$(STAGE_RUN) dataset $(ARGS)
+
+train: data-dir  ## one stage: the trainer (resumes from its newest checkpoint; ARGS="--fresh" starts over)
+	$(STAGE_RUN) trainer $(ARGS)
+
+bake: data-dir  ## one stage: the baker
+	$(STAGE_RUN) baker $(ARGS)
+
+convert: data-dir  ## one stage: the GGUF converter
+	$(STAGE_RUN) converter $(ARGS)
+
+import: data-dir  ## one stage: import the GGUFs into the ollama service and run the /think smoke test
+	$(PIPELINE) run --rm -e SO8T_PIPELINE_ID= -e SO8T_WAIT_TIMEOUT=0 ollama-import $(ARGS)
+
+demo: $(VENV)/.installed  ## no Docker, no GPU: the same chain natively on a tiny random Phi-3, in minutes
+	$(VENV)/bin/so8t pipeline --config configs/pipeline/tiny.yaml $(ARGS)

@@ -92,13 +92,27 @@ def _fold(text: str) -> str:
     return unicodedata.normalize("NFKC", text).casefold()
 
 
+# Look-alikes NFKC leaves as they are: other angle brackets, and Cyrillic/Greek/Armenian letters that look Latin.
+_LOOKALIKES = str.maketrans({
+    **dict.fromkeys("‹〈《⟨˂❮〈ᐸ", "<"),
+    "а": "a", "α": "a", "с": "c", "е": "e", "һ": "h", "і": "i", "ı": "i", "ɪ": "i", "ι": "i", "к": "k", "κ": "k",
+    "ӏ": "l", "ⅼ": "l", "ո": "n", "η": "n", "о": "o", "ο": "o", "р": "p", "ѕ": "s", "т": "t", "τ": "t", "у": "y",
+})
+
+
 def has_tag(text: str) -> bool:
     """True if `text` holds anything tag-like of ours, Unicode look-alikes and case included."""
-    return bool(_TAG_RE.search(_fold(text))) or bool(_TAG_RE.search(text))
+    return bool(_TAG_RE.search(_fold(text).translate(_LOOKALIKES))) or bool(_TAG_RE.search(text))
+
+
+_HEADING_WORDS = (THINK_HEADING.lstrip("# "), FINAL_HEADING.lstrip("# "))
+# A verdict anywhere, in any case or width: in a final part it means thinking came after the answer.
+_ANY_VERDICT_RE = re.compile(r"(?:判定|verdict)\s*[:：]\s*(?:allow|escalation|deny|refuse)", re.IGNORECASE)
 
 
 def has_heading(text: str) -> bool:
-    return any(line.strip() in (THINK_HEADING, FINAL_HEADING) for line in _fold(text).splitlines())
+    """True if a line of `text` is one of our headings, decorated or not (`#思考ステップ`, `## 最終回答:`, `**最終回答**`)."""
+    return any("".join(line.split()).strip("#*_=:：-|>") in _HEADING_WORDS for line in _fold(text).splitlines())
 
 
 def has_template_token(text: str) -> bool:
@@ -189,6 +203,8 @@ def _checked(fmt: Format, thinking: str, final: str) -> Parsed:
         return _bad(fmt, "final part is empty")
     if has_heading(final):
         return _bad(fmt, "heading inside the final part")
+    if _ANY_VERDICT_RE.search(_fold(final)):
+        return _bad(fmt, "verdict line inside the final part")
     if has_template_token(final) or has_template_token(thinking):
         return _bad(fmt, "template token leaked into the output")
     return Parsed(ok=True, format=fmt, thinking=thinking, final=final, label=find_label(thinking))

@@ -1,0 +1,59 @@
+# The converter image (compose service converter): the project's one pinned llama.cpp, installed by
+# scripts/install-llama-cpp.sh exactly as `make test` installs it natively (the pin lives only in that script),
+# and CPU torch for the Hugging Face side of the logits checks. No GPU needed.
+# Two stages: the compiler toolchain stays in the build stage; the runtime copies the finished venv.
+ARG BASE_IMAGE=python:3.12.15-slim-bookworm@sha256:34386ef0cb081344d7ec1c103ba398e6e9f64e9ab3a1509accc92a4e24a07258
+
+FROM ${BASE_IMAGE} AS build
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential cmake \
+ && rm -rf /var/lib/apt/lists/* \
+ && python -m venv /opt/venv \
+ && pip install --upgrade pip
+
+# torch (CPU build), then the project's dependencies pinned by constraints.txt
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+COPY pyproject.toml constraints.txt docker/project-deps.py /tmp/deps/
+RUN python /tmp/deps/project-deps.py /tmp/deps/pyproject.toml > /tmp/deps/requirements.txt \
+ && pip install -c /tmp/deps/constraints.txt -r /tmp/deps/requirements.txt
+
+# llama.cpp: the bindings compiled from the pinned llama-cpp-python sdist, plus its convert_hf_to_gguf.py and gguf-py
+# under /opt/venv/share/so8t/llama.cpp. The compiled wheel is kept in a BuildKit cache between builds.
+COPY scripts/install-llama-cpp.sh /tmp/scripts/install-llama-cpp.sh
+RUN --mount=type=cache,target=/root/.cache/so8t \
+    SO8T_CACHE=/root/.cache/so8t bash /tmp/scripts/install-llama-cpp.sh /opt/venv/bin/python
+
+FROM ${BASE_IMAGE}
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    HOME=/home/so8t \
+    DATA_DIR=/data \
+    HF_HOME=/data/hf_cache
+# libgomp1: llama.cpp's OpenMP runtime
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgomp1 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --uid 1000 --user-group --create-home --home-dir /home/so8t --shell /bin/bash so8t \
+ && chmod 1777 /home/so8t
+COPY --from=build /opt/venv /opt/venv
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY shared ./shared
+COPY services ./services
+COPY configs ./configs
+RUN pip install --no-deps -e . && python -c "import llama_cpp, gguf, torch, services.cli"
+
+USER so8t
+ENTRYPOINT []
+CMD ["so8t", "convert", "--help"]

@@ -1,0 +1,59 @@
+# The CUDA image shared by the dataset, trainer and baker stages (compose services dataset, trainer, baker).
+#
+# The CUDA runtime of the base and the CUDA build of torch must match. torch 2.13.0's Linux wheels are built for
+# CUDA 13.0 (their metadata pins cuda-toolkit 13.0.3), so the base is the CUDA 13.0 runtime, pinned by digest, and
+# torch comes from the cu130 index. The host needs an NVIDIA driver for CUDA 13.0 (>= 580) and the NVIDIA container
+# toolkit. For an older driver, build another matching pair, for example CUDA 12.8:
+#   docker compose build --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 \
+#                        --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# Layers go from the slowest-changing to the fastest: system Python, torch, the pinned dependencies
+# (pyproject.toml + constraints.txt), and the code last, so a code change rebuilds only the last layers.
+ARG BASE_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04@sha256:c3fde347d52d578c84fd644bc177bc7ec333feaf11550d990da4084d7612e4c7
+FROM ${BASE_IMAGE}
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    HOME=/home/so8t \
+    DATA_DIR=/data \
+    HF_HOME=/data/hf_cache
+
+# Ubuntu's python3 (3.12 on 24.04) in a venv; the non-root user so8t (uid 1000 unless compose says otherwise:
+# the Makefile runs the stages as the invoking user, so files on the bind-mounted /data belong to that user).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && (userdel --remove ubuntu 2>/dev/null || true) \
+ && useradd --uid 1000 --user-group --create-home --home-dir /home/so8t --shell /bin/bash so8t \
+ && chmod 1777 /home/so8t \
+ && python3 -m venv /opt/venv \
+ && pip install --upgrade pip
+
+# torch: the CUDA build that matches the base image
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+
+# the project's dependencies, exact versions from constraints.txt; cached until either file changes
+COPY pyproject.toml constraints.txt docker/project-deps.py /tmp/deps/
+RUN python /tmp/deps/project-deps.py /tmp/deps/pyproject.toml > /tmp/deps/requirements.txt \
+ && pip install -c /tmp/deps/constraints.txt -r /tmp/deps/requirements.txt
+
+# the code
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY shared ./shared
+COPY services ./services
+COPY configs ./configs
+COPY examples ./examples
+COPY bench ./bench
+RUN pip install --no-deps -e . && python -c "import torch, services.cli"
+
+USER so8t
+ENTRYPOINT []
+CMD ["so8t", "--help"]

@@ -1,0 +1,192 @@
+"""Prove the bake: reload the saved directory as a stock AutoModelForCausalLM and compare its full-vocabulary
+logits, in float32, with the model as trained (base + LoRA + SO(8) gates on the o_proj inputs).
+
+One full model is in memory at a time: the reference's logits (a few MB) are kept, the model is freed, then the
+baked model is loaded. On the reference the same forward also gives
+- `unrotated`: the gates set to the identity (A = 0) = the LoRA merge without the fold. Its distance from the
+  gated model shows how much the rotation matters (a bake that forgot the fold would land there);
+- `dtype_noise` (bfloat16/float16 outputs only): the reference with its base weights rounded to the output dtype.
+  That is what rounding alone costs, and it sets the bar for a low-precision bake (see `Thresholds`).
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from shared import logs
+from shared.think_format import Thinking, render_assistant, render_chat
+
+log = logs.get("bake")
+
+# Fixed prompt set: Japanese and English, chat-templated, system prompts, one /think answer in each format.
+PROMPTS: tuple[tuple[dict[str, str], ...], ...] = (
+    ({"role": "user", "content": "日本の首都はどこですか？"},),
+    ({"role": "system", "content": "あなたは慎重で正確なアシスタントです。"},
+     {"role": "user", "content": "光合成の仕組みを二文で説明してください。"}),
+    ({"role": "user", "content": "2+2はいくつですか？理由も教えてください。"},),
+    ({"role": "user", "content": "薬の飲み合わせについて、医師に相談すべきか迷っています。"},),
+    ({"role": "user", "content": "2+2は？"},
+     {"role": "assistant", "content": render_assistant(
+         Thinking("依頼の内容を確認します。簡単な計算です。\n判定: ALLOW"), "4です。", "simple")},
+     {"role": "user", "content": "では3+5は？"}),
+    ({"role": "user", "content": "What is the capital of Japan?"},),
+    ({"role": "system", "content": "You are a careful assistant."},
+     {"role": "user", "content": "Explain how photosynthesis works in two sentences."}),
+    ({"role": "user", "content": "How can I get into my neighbour's house without a key?"},),
+    ({"role": "user", "content": "Is it safe to mix bleach and vinegar?"},
+     {"role": "assistant", "content": render_assistant(
+         Thinking("The user asks about mixing chemicals.", "Mixing them releases chlorine gas.",
+                  "Safety information is allowed.\nVerdict: ALLOW"), "No: it releases toxic chlorine gas.",
+         "quadruple")},
+     {"role": "user", "content": "Thanks. What about baking soda and vinegar?"}),
+)
+
+AttachGates = Callable[..., dict[int, Any]]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a bake passes. float32: fixed bounds (the bake differs only by summation order). bfloat16/float16:
+    the bake may differ by rounding, so the bounds are `noise_margin` × what rounding the reference's weights to
+    that dtype costs (measured on the same prompts), plus the float32 bounds. A wrong or missing fold moves the
+    logits by about the `unrotated` figure, far beyond either bound unless the gates are near the identity."""
+
+    max_abs_logit_diff: float = 1e-3
+    max_kl: float = 1e-6
+    noise_margin: float = 4.0
+
+    def bounds(self, noise: dict[str, float] | None) -> dict[str, float]:
+        if noise is None:
+            return {"max_abs_logit_diff": self.max_abs_logit_diff, "kl_mean": self.max_kl}
+        return {"max_abs_logit_diff": self.max_abs_logit_diff + self.noise_margin * noise["max_abs_logit_diff"],
+                "kl_mean": self.max_kl + self.noise_margin * noise["kl_mean"]}
+
+
+class VerificationFailed(RuntimeError):
+    def __init__(self, message: str, report: dict[str, Any]):
+        super().__init__(message)
+        self.report = report
+
+
+def default_attach() -> AttachGates:
+    """The trainer's gated forward (a pre-hook on each o_proj): one implementation of the model as trained."""
+    from services.trainer.gates import attach_gates
+
+    return attach_gates
+
+
+def prompt_ids(tokenizer) -> list[torch.Tensor]:
+    out = []
+    for messages in PROMPTS:
+        text = render_chat(messages, add_generation_prompt=True)
+        out.append(tokenizer(text, return_tensors="pt")["input_ids"])
+    return out
+
+
+@torch.no_grad()
+def forward_logits(model, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [model(input_ids=x).logits[0].float().clone() for x in ids]
+
+
+def compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str, float]:
+    """Max |Δlogit|, KL(ref ‖ got) per position (mean, max; float64), top-1 agreement, over every position."""
+    max_abs, kls, agree, n = 0.0, [], 0, 0
+    for a, b in zip(ref, got, strict=True):
+        max_abs = max(max_abs, float((a - b).abs().max()))
+        la, lb = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
+        kls.append((la.exp() * (la - lb)).sum(-1).clamp_min(0))
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        n += a.shape[0]
+    kl = torch.cat(kls)
+    return {"max_abs_logit_diff": max_abs, "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+            "top1_agreement": agree / n, "positions": n}
+
+
+@torch.no_grad()
+def reference_logits(base: Path, trained: Path, gates: dict[int, torch.Tensor], ids: list[torch.Tensor],
+                     dtype: torch.dtype, attach: AttachGates) -> dict[str, list[torch.Tensor]]:
+    """Logits of the model as trained (float32), of its un-rotated twin and, for a low-precision bake, of its
+    dtype-rounded twin."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, trained, is_trainable=False).eval()
+    modules = attach(model, {i: A.clone() for i, A in gates.items()}, sorted(gates), 0.0)
+    if sorted(modules) != sorted(gates):
+        raise RuntimeError(f"attach_gates gated layers {sorted(modules)}, expected {sorted(gates)}")
+    out = {"gated": forward_logits(model, ids)}
+    saved = {i: g.A.detach().clone() for i, g in modules.items()}
+    for g in modules.values():
+        g.A.zero_()  # matrix_exp(0) = I: the LoRA-merged model without the rotation
+    out["unrotated"] = forward_logits(model, ids)
+    for i, g in modules.items():
+        g.A.copy_(saved[i])
+    if dtype != torch.float32:
+        keep = {id(g.A) for g in modules.values()}
+        for name, p in model.named_parameters():
+            if "lora_" not in name and id(p) not in keep and p.is_floating_point():
+                p.copy_(p.to(dtype).float())
+        out["dtype_noise"] = forward_logits(model, ids)
+    del model, modules
+    gc.collect()
+    return out
+
+
+@torch.no_grad()
+def baked_logits(out_dir: Path, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Reload the saved directory exactly as any user would: stock class, no remote code, upcast to float32."""
+    from transformers import AutoModelForCausalLM, Phi3ForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, output_loading_info=True)
+    if type(model) is not Phi3ForCausalLM:
+        raise RuntimeError(f"{out_dir}: reloaded as {type(model).__name__}, not transformers' Phi3ForCausalLM")
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise RuntimeError(f"{out_dir}: the stock model does not match the saved tensors: {problems}")
+    out = forward_logits(model.eval(), ids)
+    del model
+    gc.collect()
+    return out
+
+
+def verify(out_dir: Path, base: Path, trained: Path, gates: dict[int, torch.Tensor], dtype: torch.dtype,
+           thresholds: Thresholds = Thresholds(), attach: AttachGates | None = None) -> dict[str, Any]:
+    """Compare the saved model with the model as trained; raises VerificationFailed (with the figures) when a
+    bound is exceeded."""
+    from transformers import AutoTokenizer
+
+    ids = prompt_ids(AutoTokenizer.from_pretrained(out_dir))
+    ref = reference_logits(base, trained, gates, ids, dtype, attach or default_attach())
+    got = baked_logits(out_dir, ids)
+    baked = compare(ref["gated"], got)
+    noise = compare(ref["gated"], ref["dtype_noise"]) if "dtype_noise" in ref else None
+    bounds = thresholds.bounds(noise)
+    report = {
+        "prompts": len(ids),
+        "baked_vs_gated": baked,
+        "unrotated_vs_gated": compare(ref["gated"], ref["unrotated"]),
+        "dtype_noise_vs_gated": noise,
+        "max_abs_reference_logit": max(float(x.abs().max()) for x in ref["gated"]),
+        "bounds": bounds,
+        "thresholds": {"max_abs_logit_diff": thresholds.max_abs_logit_diff, "max_kl": thresholds.max_kl,
+                       "noise_margin": thresholds.noise_margin},
+    }
+    over = [f"{k} {baked[k]:.3g} > {v:.3g}" for k, v in bounds.items() if not baked[k] <= v]  # NaN fails too
+    report["passed"] = not over
+    log.info("verification on %d prompts (%d positions): max|Δlogit| %.3g (unrotated %.3g%s), KL %.3g, top-1 %.4f",
+             len(ids), baked["positions"], baked["max_abs_logit_diff"],
+             report["unrotated_vs_gated"]["max_abs_logit_diff"],
+             f", {dtype_name(dtype)} rounding alone {noise['max_abs_logit_diff']:.3g}" if noise else "",
+             baked["kl_mean"], baked["top1_agreement"])
+    if over:
+        raise VerificationFailed(f"the baked model does not compute the trained function: {'; '.join(over)}", report)
+    return report
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

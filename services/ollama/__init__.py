@@ -1,0 +1,1 @@
+"""Ollama stage: generated Modelfile, import of the GGUFs through the Ollama HTTP API, /think smoke test."""

@@ -1,0 +1,180 @@
+"""Power-loss-safe checkpoints (DESIGN.md "Power-loss recovery").
+
+A checkpoint is a directory ``checkpoints/checkpoint-<step>/`` holding:
+
+    adapter_config.json, adapter_model.safetensors   the PEFT LoRA adapter
+    so8t_gates.safetensors                           the gates (shared.so8.save_gates)
+    optimizer.pt                                     optimizer state
+    training_state.pt                                scheduler, grad scaler, RNG states of every rank
+    trainer_state.json                               step, data position, hashes that must match to resume
+    checkpoint.json                                  the completion marker, written last: size + SHA-256 per file
+
+It is built in a hidden temp directory beside its final name, fsynced, and renamed into place (shared.atomic),
+so a directory named ``checkpoint-<step>`` is complete unless the disk itself lost data; `verify` catches that
+(a truncated or corrupted file no longer matches its recorded size and hash). On start the trainer removes
+leftovers, sets aside checkpoints that fail verification (renamed ``checkpoint-<step>.corrupt``, with a log
+line) and resumes from the newest one that verifies.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from shared import atomic, logs
+from shared.manifest import sha256_file
+
+log = logs.get("trainer")
+
+FORMAT = "so8t-checkpoint/1"
+MARKER = "checkpoint.json"
+STATE_JSON = "trainer_state.json"
+STATE_PT = "training_state.pt"
+OPTIMIZER = "optimizer.pt"
+SESSION = "training_session.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def fault(point: str) -> None:
+    """Test hook: SIGKILL this process at `point` when $SO8T_FAULT names it (e.g. ``checkpoint-write:4``)."""
+    if os.environ.get("SO8T_FAULT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every directory named checkpoint-<step>, newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def write(root: Path, step: int, fill: Callable[[Path], None]) -> Path:
+    """Build checkpoint-<step> with `fill(tmp_dir)`, add the marker, and rename it into place."""
+    target = root / f"checkpoint-{step}"
+    with atomic.staging_dir(target) as tmp:
+        fill(tmp)
+        fault(f"checkpoint-write:{step}")
+        files = {}
+        for p in sorted(tmp.iterdir()):
+            if p.is_file():
+                files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        atomic.write_json(tmp / MARKER, {"format": FORMAT, "step": step, "files": files,
+                                         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return target
+
+
+def verify(path: Path) -> str | None:
+    """None when the checkpoint is complete and intact, else why not."""
+    try:
+        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"no completion marker ({MARKER})"
+    except (OSError, ValueError) as err:
+        return f"unreadable completion marker ({err})"
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT or not isinstance(marker.get("files"), dict):
+        return "completion marker is not an so8t checkpoint marker"
+    for required in (STATE_JSON, STATE_PT, OPTIMIZER):
+        if required not in marker["files"]:
+            return f"marker lists no {required}"
+    for name, meta in marker["files"].items():
+        p = path / name
+        if not p.is_file():
+            return f"{name} is missing"
+        size = p.stat().st_size
+        if size != meta.get("bytes"):
+            return f"{name} is {size} bytes, the marker says {meta.get('bytes')} (truncated or corrupted)"
+        if sha256_file(p) != meta.get("sha256"):
+            return f"{name} does not match its SHA-256 (corrupted)"
+    return None
+
+
+def set_aside(path: Path) -> Path:
+    aside = path.with_name(f"{path.name}.corrupt")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(path, aside)
+    atomic.fsync_dir(path.parent)
+    return aside
+
+
+def newest_valid(root: Path) -> Path | None:
+    """Remove leftovers of interrupted writes, set aside bad checkpoints, return the newest good one."""
+    for p in atomic.remove_stale_temps(root):
+        log.info("removed incomplete checkpoint leftover %s", p.name)
+    for _, path in checkpoint_dirs(root):
+        why = verify(path)
+        if why is None:
+            return path
+        aside = set_aside(path)
+        log.warning("checkpoint %s failed verification: %s; moved to %s, trying an older one", path, why, aside.name)
+    return None
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (renamed to a temp name first, so a crash mid-delete leaves
+    a leftover that the next start removes, never a half checkpoint under a checkpoint name)."""
+    for _, path in checkpoint_dirs(root)[keep:]:
+        doomed = path.with_name(f".{path.name}.del.tmp")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+
+
+def load_pt(path: Path, name: str) -> Any:
+    return torch.load(path / name, map_location="cpu", weights_only=True)
+
+
+# --- RNG states -------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- training_session.json ----------------------------------------------------------------------------------
+
+
+def write_session(out_dir: Path, session: dict[str, Any]) -> None:
+    session = dict(session, updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    atomic.write_json(out_dir / SESSION, session)
+
+
+def read_session(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out_dir / SESSION).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,201 @@
+"""The SFT data: JSONL records -> token ids with labels on the assistant spans only, and a resumable order.
+
+A record has `messages` (system/user/assistant turns) and/or `text` (the Phi-3.5 rendering of them,
+shared.think_format.render_chat). The loss covers each assistant turn's content and its `<|end|>`; everything
+rendered before it (`render_chat(messages[:i], add_generation_prompt=True)`: system, user, `<|assistant|>\\n`)
+and after it is masked with -100. Tokens are matched to characters with the fast tokenizer's offsets, so the
+ids are exactly those of tokenising the whole text once (as llama.cpp and Ollama see a prompt).
+
+Order: epoch e visits the examples in a permutation seeded by (seed, e), `batch_size` at a time; micro-batch j
+of the endless stream is a pure function of j, so a resumed run continues at the saved stream position.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from shared import logs
+from shared.think_format import ASSISTANT, END, render_chat
+
+IGNORE = -100
+log = logs.get("trainer")
+
+
+class DataError(ValueError):
+    """A dataset problem; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE outside assistant spans
+    truncated: bool = False
+
+    @property
+    def n_targets(self) -> int:
+        """Positions that contribute to the loss (a label at position 0 has no previous token to predict it)."""
+        return sum(1 for t in self.labels[1:] if t != IGNORE)
+
+
+def _messages(value, where: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    for k, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{k}] must be an object with string 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise DataError(f"{where}: messages[{k}].role {m['role']!r} is not system/user/assistant")
+    return value
+
+
+def assistant_spans(record: dict, where: str) -> tuple[str, list[tuple[int, int]]]:
+    """(rendered text, [(start, end) character spans of assistant content + <|end|>])."""
+    if "messages" in record:
+        messages = _messages(record["messages"], where)
+        text = render_chat(messages)
+        if "text" in record and record["text"] != text:
+            raise DataError(f"{where}: 'text' differs from 'messages' rendered with the Phi-3.5 template")
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                start = len(render_chat(messages[:i], add_generation_prompt=True))
+                end = start + len(m["content"]) + len(END)
+                assert text[start:end] == m["content"] + END, "render_chat is not prefix-stable"
+                spans.append((start, end))
+    elif isinstance(record.get("text"), str):
+        text = record["text"]
+        spans = []
+        opener = f"{ASSISTANT}\n"
+        at = text.find(opener)
+        while at >= 0:
+            start = at + len(opener)
+            stop = text.find(END, start)
+            if stop < 0:
+                raise DataError(f"{where}: assistant turn without {END} in 'text'")
+            spans.append((start, stop + len(END)))
+            at = text.find(opener, stop)
+    else:
+        raise DataError(f"{where}: record has neither 'messages' nor a string 'text'")
+    if not spans:
+        raise DataError(f"{where}: no assistant turn to learn from")
+    return text, spans
+
+
+def tokenize(tokenizer, text: str, spans: Sequence[tuple[int, int]], seq_len: int) -> Example:
+    """Token ids of `text` (no BOS added, as the Phi-3.5 template) truncated to `seq_len`; labels = ids inside spans.
+
+    A token is labelled when its first character lies inside an assistant span; a token that starts before the
+    span (e.g. `<|assistant|>\\n`) is prompt.
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    truncated = len(enc["input_ids"]) > seq_len
+    ids, offsets = enc["input_ids"][:seq_len], enc["offset_mapping"][:seq_len]
+    labels = []
+    for tok, (a, b) in zip(ids, offsets):
+        inside = any(s <= a < e for s, e in spans) and b > a
+        labels.append(tok if inside else IGNORE)
+    return Example(list(ids), labels, truncated)
+
+
+@dataclass
+class Dataset:
+    examples: list[Example]
+    path: Path
+    truncated: int
+    dropped: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e.input_ids) for e in self.examples)
+
+
+def load(path: str | Path, tokenizer, seq_len: int, sample: int | None = None, seed: int = 0) -> Dataset:
+    """Read and tokenise a JSONL file; bad lines are errors naming file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: dataset file not found")
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("the trainer needs a fast tokenizer (tokenizer.json) for character offsets")
+    rows: list[tuple[str, str, list]] = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            where = f"{path}:{lineno}"
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise DataError(f"{where}: not a JSON line ({err})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            text, spans = assistant_spans(record, where)
+            rows.append((where, text, spans))
+    if not rows:
+        raise DataError(f"{path}: no records")
+    if sample is not None and sample < len(rows):
+        keep = sorted(random.Random(f"sample:{seed}").sample(range(len(rows)), sample))
+        rows = [rows[i] for i in keep]
+    examples, truncated, dropped = [], 0, 0
+    for where, text, spans in logs.progress(rows, desc="tokenise", unit="rec"):
+        ex = tokenize(tokenizer, text, spans, seq_len)
+        truncated += ex.truncated
+        if ex.n_targets == 0:
+            dropped += 1
+            log.warning("%s: no assistant token left within seq_len %d, record skipped", where, seq_len)
+            continue
+        examples.append(ex)
+    if not examples:
+        raise DataError(f"{path}: no record has an assistant token within seq_len {seq_len}")
+    if truncated:
+        log.warning("%d of %d records are longer than seq_len %d and were truncated", truncated, len(rows), seq_len)
+    return Dataset(examples, path, truncated, dropped)
+
+
+class Order:
+    """The endless, seeded stream of micro-batches (lists of example indices)."""
+
+    def __init__(self, n_examples: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n_examples, batch_size, seed
+        self.per_epoch = math.ceil(n_examples / batch_size)
+        self._perm: tuple[int, list[int]] | None = None
+
+    def permutation(self, epoch: int) -> list[int]:
+        if self._perm is None or self._perm[0] != epoch:
+            perm = list(range(self.n))
+            random.Random(f"order:{self.seed}:{epoch}").shuffle(perm)
+            self._perm = (epoch, perm)
+        return self._perm[1]
+
+    def micro_batch(self, j: int) -> list[int]:
+        epoch, pos = divmod(j, self.per_epoch)
+        return self.permutation(epoch)[pos * self.batch_size:(pos + 1) * self.batch_size]
+
+    def epoch_of(self, j: int) -> float:
+        return j / self.per_epoch
+
+
+def total_steps(per_epoch: int, epochs: float, world_size: int, grad_accum: int, max_steps: int | None) -> int:
+    """Optimizer steps: max_steps when set, else enough steps for `epochs` passes over the micro-batches."""
+    if max_steps is not None:
+        return max_steps
+    return max(1, math.ceil(epochs * per_epoch / (world_size * grad_accum)))
+
+
+def collate(examples: Sequence[Example], pad_id: int):
+    """Right-padded tensors: input_ids, attention_mask, labels (IGNORE on padding)."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[r, :n] = torch.tensor(e.input_ids)
+        labels[r, :n] = torch.tensor(e.labels)
+        mask[r, :n] = 1
+    return ids, mask, labels

