@@ -44,7 +44,8 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 def fault(point: str) -> None:
-    """Test hook: SIGKILL this process at `point` when $SO8T_FAULT names it (e.g. ``checkpoint-write:4``)."""
+    """Test hook: SIGKILL this process at `point` when $SO8T_FAULT names it: ``checkpoint-write:<step>`` (files
+    written, marker not yet), ``checkpoint-done:<step>`` (checkpoint in place), ``final-write``."""
     if os.environ.get("SO8T_FAULT") == point:
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -145,11 +145,14 @@ def load(path: str | Path, tokenizer, seq_len: int, sample: int | None = None, s
         truncated += ex.truncated
         if ex.n_targets == 0:
             dropped += 1
-            log.warning("%s: no assistant token left within seq_len %d, record skipped", where, seq_len)
+            if dropped <= 10:
+                log.warning("%s: no assistant token left within seq_len %d, record skipped", where, seq_len)
             continue
         examples.append(ex)
     if not examples:
         raise DataError(f"{path}: no record has an assistant token within seq_len {seq_len}")
+    if dropped > 10:
+        log.warning("%d records skipped in all (no assistant token within seq_len %d)", dropped, seq_len)
     if truncated:
         log.warning("%d of %d records are longer than seq_len %d and were truncated", truncated, len(rows), seq_len)
     return Dataset(examples, path, truncated, dropped)

@@ -292,12 +292,13 @@ class Run:
             due = (save_steps is not None and step % save_steps == 0) or step == self.total
             due = due or (save_s > 0 and time.time() - last_save >= save_s)
             if self.dist.broadcast(due):
-                saved = self.save_checkpoint(step, position, self._public(v))
+                saved = self.save_checkpoint(step, position, dict(v))
                 last_save = time.time()
                 session["last_checkpoint"] = saved.name if saved else None
+                checkpoint.fault(f"checkpoint-done:{step}")
             if main and (due or time.time() - last_session >= SESSION_EVERY_S):
                 session.update(step=step, data_position=position, epoch=round(self.order.epoch_of(position), 4),
-                               losses=self._public(v))
+                               losses=dict(v))
                 checkpoint.write_session(self.out, session)
                 last_session = time.time()
         bar.close()
@@ -306,9 +307,6 @@ class Run:
         self.session = session
         return last
 
-    @staticmethod
-    def _public(v: dict[str, Any]) -> dict[str, Any]:
-        return {k: (round(x, 6) if isinstance(x, float) else x) for k, x in v.items()}
 
     # --- the final artifact ----------------------------------------------------------------------------------
 

@@ -31,7 +31,10 @@ def compute_dtype(cfg: ModelSection, device: torch.device) -> torch.dtype:
 def load_tokenizer(base: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(base)
+    try:
+        tok = AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load the tokenizer of base model {base!r}: {err}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -49,10 +52,13 @@ def load_base(cfg: ModelSection, base: str, device: torch.device) -> nn.Module:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=dtype)
     device_map = {"": device.index if device.type == "cuda" else "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(
-        base, dtype=dtype, quantization_config=quant, device_map=device_map,
-        attn_implementation=cfg.attn_implementation,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            base, dtype=dtype, quantization_config=quant, device_map=device_map,
+            attn_implementation=cfg.attn_implementation,
+        )
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load base model {base!r}: {err}") from None
     model.config.use_cache = False
     if quant is not None:
         from peft import prepare_model_for_kbit_training
@@ -91,7 +97,9 @@ def add_lora(model: nn.Module, cfg: LoraSection, base: str, seed: int) -> nn.Mod
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
                       bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(seed)  # LoRA A matrices are drawn from the global generator
-    peft_model = get_peft_model(model, lcfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft reads transformers' deprecated checkpointing flag
+        peft_model = get_peft_model(model, lcfg)
     peft_model.peft_config["default"].base_model_name_or_path = base
     return peft_model
 

@@ -1,0 +1,105 @@
+"""End to end: the native chain on the tiny profile, from the shipped example data to a /think answer from the
+Q4_K_M GGUF through the llama.cpp backend; a second run skips every stage; a killed trainer resumes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _pipeline(data: Path, *extra: str, wait: bool = True):
+    env = dict(os.environ, PYTHONPATH=str(REPO), SO8T_PROGRESS="0", OLLAMA_HOST="http://127.0.0.1:9")
+    argv = [sys.executable, "-m", "services.pipeline", "--config", "configs/pipeline/tiny.yaml",
+            "--data-dir", str(data), *extra]
+    if not wait:
+        return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+
+
+def _manifest(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def first_run(data):
+    r = _pipeline(data)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return r
+
+
+def test_chain_produces_every_artifact_with_its_figures(data, first_run):
+    run = data / "runs" / "tiny"
+    ds = _manifest(data / "datasets" / "example")["metrics"]
+    assert ds["written"] == 60 and ds["rejected"] == 0
+    assert ds["read"] == ds["written"] + ds["duplicates"] + ds["rejected"]
+
+    train = _manifest(run / "train" / "final")
+    assert train["metrics"]["steps"] > 0
+    assert (run / "train" / "final" / "so8t_gates.safetensors").is_file()
+
+    bake = _manifest(run / "baked")
+    verification = json.dumps(bake["metrics"])
+    assert "top1" in verification or "top_1" in verification
+
+    gguf = _manifest(run / "gguf")
+    for qtype in ("F16", "Q8_0", "Q4_K_M"):
+        assert (run / "gguf" / f"so8t-tiny-{qtype}.gguf").is_file()
+    assert json.dumps(gguf["metrics"]).count("max_abs") >= 3
+
+    smoke = json.loads((run / "think_smoke.json").read_text())
+    assert smoke["gguf"].endswith("so8t-tiny-Q4_K_M.gguf")
+    body = smoke["response"]
+    assert "request_id" in body or "error" in body
+    out = first_run.stdout
+    assert "pipeline done" in out and "/think" in out and "so8t-tiny-Q4_K_M.gguf" in out
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "done" and all(s["state"] in ("done", "skipped") for s in status["stages"].values())
+    for stage in ("dataset", "train", "bake", "convert"):
+        assert (run / "logs" / f"{stage}.log").stat().st_size > 0
+
+
+def test_second_run_skips_every_stage(data, first_run):
+    r = _pipeline(data)
+    assert r.returncode == 0, r.stdout[-4000:]
+    status = json.loads((data / "runs" / "tiny" / "status.json").read_text())
+    assert {n: s["state"] for n, s in status["stages"].items()} == {
+        n: "skipped" for n in ("dataset", "train", "bake", "convert")}
+
+
+def test_killed_trainer_resumes_and_finishes(data, first_run):
+    run = data / "runs" / "tiny-kill" / "train"
+    proc = _pipeline(data, "--run-id", "tiny-kill", wait=False)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            ckpts = list((run / "checkpoints").glob("checkpoint-*")) if (run / "checkpoints").is_dir() else []
+            if any(c.suffix != ".tmp" for c in ckpts):
+                break
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint appeared")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # power loss: the orchestrator and the trainer die at once
+        proc.wait()
+    assert not (run / "final" / "manifest.json").exists()
+    r = _pipeline(data, "--run-id", "tiny-kill", "--no-smoke")
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert "resum" in (data / "runs" / "tiny-kill" / "logs" / "train.log").read_text().lower()
+    done = _manifest(run / "final")
+    assert done["metrics"]["steps"] == _manifest(data / "runs" / "tiny" / "train" / "final")["metrics"]["steps"]

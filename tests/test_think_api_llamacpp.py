@@ -1,0 +1,209 @@
+"""/think end to end on a real GGUF run in-process by llama.cpp.
+
+The tiny random Phi-3 cannot write the /think format, so the session fixture trains it a little (the decoder
+layers and the output rows of the tokens it needs, a few dozen AdamW steps on ONE /think reply to ONE prompt)
+and converts it with llama.cpp's converter to GGUF F16. For that prompt the real generation is a well-formed
+reply; for other prompts, or cut short by max_tokens, it is a malformed one full of thinking-like text. Both flow
+through llama.cpp -> parser -> gate -> audit here, and through the `so8t serve` process.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.think_api import gate
+from services.think_api.app import build_prompt, create_app, serve_background
+from services.think_api.audit import AuditLog, rows, verify
+from services.think_api.backends import GenRequest, LlamaCppBackend
+from shared.think_format import STOP_TOKENS, Thinking, parse, render_assistant, verdict_line
+
+pytestmark = pytest.mark.slow
+
+TRAINED_PROMPT = "2+2はいくつですか？"
+THINKING = Thinking("依頼の内容: 2+2 を計算する。", f"安全性の評価: 問題なし。\n{verdict_line('ALLOW')}", "適用する方針: そのまま答える。")
+FINAL = "2+2は4です。"
+LLAMA_CPP = Path(sys.prefix) / "share" / "so8t" / "llama.cpp"
+
+
+def _convert(model_dir: Path, out: Path, *extra: str) -> Path:
+    env = dict(os.environ, PYTHONPATH=str(LLAMA_CPP / "gguf-py"))
+    subprocess.run([sys.executable, str(LLAMA_CPP / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f16",
+                    "--outfile", str(out), *extra], check=True, env=env, capture_output=True, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="session")
+def think_gguf(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny Phi-3 trained a little to answer TRAINED_PROMPT in the simple /think format, as GGUF F16."""
+    import torch
+    from llama_cpp import Llama
+    from transformers import Phi3ForCausalLM
+
+    if not (LLAMA_CPP / "convert_hf_to_gguf.py").is_file():
+        pytest.skip(f"llama.cpp converter not installed at {LLAMA_CPP} (scripts/install-llama-cpp.sh)")
+    work = tmp_path_factory.mktemp("think_gguf")
+    # token ids exactly as llama.cpp will see them at serving time (the HF tokenizer splits some spaces apart)
+    vocab = Llama(str(_convert(tiny_model_dir, work / "vocab.gguf", "--vocab-only")), vocab_only=True, verbose=False)
+    prompt = build_prompt(TRAINED_PROMPT, "simple")
+    p_ids = vocab.tokenize(prompt.encode(), add_bos=False, special=True)
+    ids = vocab.tokenize((prompt + render_assistant(THINKING, FINAL, "simple") + "<|end|>").encode(), add_bos=False,
+                         special=True)
+    assert ids[: len(p_ids)] == p_ids
+    del vocab
+
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(False)
+    used = sorted(set(ids))  # train only the output rows of the tokens in the reply: a softmax over those
+    head = torch.nn.Parameter(model.lm_head.weight[used].clone())
+    target = torch.tensor([used.index(t) for t in ids[len(p_ids):]])
+    inputs = torch.tensor([ids[:-1]])
+    params = [p for p in model.model.parameters() if p.requires_grad] + [head]
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)  # 5e-3 oscillates; 3e-3 converges in ~60 steps
+    model.train()
+    for _ in range(300):
+        hidden = model.model(input_ids=inputs).last_hidden_state[0, len(p_ids) - 1:]
+        loss = torch.nn.functional.cross_entropy(hidden @ head.T, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 2e-3:
+            break
+    with torch.no_grad():
+        model.lm_head.weight[used] = head
+    trained = work / "trained"
+    model.save_pretrained(trained)
+    for f in tiny_model_dir.iterdir():  # tokenizer and generation config, unchanged
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, trained / f.name)
+    return _convert(trained, work / "so8t-tiny-think-F16.gguf")
+
+
+@pytest.fixture(scope="module")
+def backend(think_gguf):
+    b = LlamaCppBackend(think_gguf, n_ctx=1024, n_threads=2)
+    yield b
+    b.close()
+
+
+def _gen(backend, prompt: str, max_tokens: int = 128):
+    return backend.generate(GenRequest(build_prompt(prompt, "simple"), max_tokens, 0.0, 0.9, 1))
+
+
+def test_llama_cpp_really_generates_the_trained_reply(backend):
+    g = _gen(backend, TRAINED_PROMPT)
+    assert g.completion_tokens > 20 and g.prompt_tokens > 100 and g.finish_reason == "stop"
+    p = parse(g.text)
+    assert p.ok and (p.final, p.label, p.thinking) == (FINAL, "ALLOW", THINKING.text())
+    assert _gen(backend, TRAINED_PROMPT).text == g.text  # greedy: the same reply again
+
+
+def test_think_end_to_end_through_parse_gate_and_audit(backend, tmp_path):
+    db = tmp_path / "audit.sqlite3"
+    other = _gen(backend, "What is 2+2?")  # what the model says to a prompt it was not trained on
+    assert not parse(other.text).ok and ("安全性の評価" in other.text or "判定" in other.text)
+    with serve_background(create_app(backend, AuditLog(db))) as url, httpx.Client(base_url=url, timeout=60) as c:
+        assert c.get("/healthz").json() == {"status": "ok", "backend": "llamacpp",
+                                            "model": "so8t-tiny-think-F16.gguf", "detail": "model loaded"}
+        ok = c.post("/think", json={"prompt": TRAINED_PROMPT, "temperature": 0, "max_tokens": 128})
+        bad = c.post("/think", json={"query": "What is 2+2?", "temperature": 0, "max_new_tokens": 128, "seed": 1})
+        cut = c.post("/think", json={"prompt": TRAINED_PROMPT, "temperature": 0, "max_tokens": 12})
+    assert ok.status_code == 200, ok.text
+    body = ok.json()
+    assert (body["answer"], body["safety_label"], body["escalated"], body["status"]) == (FINAL, "ALLOW", False,
+                                                                                          "answered")
+    assert body["internal_reasoning_hash"] == gate.sha256(THINKING.text())
+    for r in (bad, cut):  # malformed real generations: a clear status, nothing of the thinking
+        assert r.status_code == 502 and r.json()["status"] == "withheld" and r.json()["answer"] == gate.WITHHELD
+        for piece in ("依頼の内容", "安全性の評価", "判定", "適用する方針", "思考ステップ"):
+            assert piece not in r.text
+    audit_rows = rows(db)
+    assert verify(db).ok and [r["status"] for r in audit_rows] == ["answered", "withheld", "withheld"]
+    first, second, third = audit_rows
+    assert first["output_sha256"] == gate.sha256(_gen(backend, TRAINED_PROMPT).text)
+    assert second["output_sha256"] == gate.sha256(other.text) and second["error"] == parse(other.text).error
+    assert first["completion_tokens"] > 20 and third["completion_tokens"] == 12
+    assert first["prompt_tokens"] == len(backend._llm.tokenize(build_prompt(TRAINED_PROMPT, "simple").encode(),
+                                                                add_bos=False, special=True))
+
+
+def test_prompt_over_the_context_window_is_a_400(think_gguf, tmp_path):
+    from fastapi.testclient import TestClient
+
+    small = LlamaCppBackend(think_gguf, n_ctx=128, n_threads=1)
+    try:
+        with TestClient(create_app(small, AuditLog(tmp_path / "a.sqlite3"))) as c:
+            r = c.post("/think", json={"prompt": "2+2? " * 40})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
+        assert "128 tokens" in r.json()["error"]["message"]
+    finally:
+        small.close()
+
+
+def test_so8t_serve_process_with_api_key_from_env(think_gguf, tmp_path):
+    """`python -m services.think_api --backend llamacpp` as the pipeline and a user start it."""
+    from services.pipeline.run import free_port
+
+    port = free_port()
+    env = dict(os.environ, DATA_DIR=str(tmp_path / "data"), SO8T_API_KEY="k-123", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "services.think_api", "--backend", "llamacpp", "--model",
+                             str(think_gguf), "--port", str(port), "--n-ctx", "1024", "--threads", "2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "so8t serve did not become healthy"
+            time.sleep(0.2)
+        assert httpx.post(f"{base}/think", json={"prompt": TRAINED_PROMPT}).status_code == 401
+        r = httpx.post(f"{base}/think", json={"prompt": TRAINED_PROMPT, "temperature": 0},
+                       headers={"Authorization": "Bearer k-123"}, timeout=60)
+        assert r.status_code == 200 and r.json()["answer"] == FINAL
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    db = tmp_path / "data" / "audit" / "think_audit.sqlite3"
+    assert verify(db).rows == 2 and "Traceback" not in out
+    assert subprocess.run([sys.executable, "-m", "services.think_api", "--backend", "llamacpp", "--model",
+                           str(tmp_path / "missing.gguf")], capture_output=True, text=True).returncode == 2
+
+
+def test_stop_tokens_end_the_generation(backend):
+    g = _gen(backend, TRAINED_PROMPT)
+    assert not any(tok in g.text for tok in STOP_TOKENS)
+
+
+def test_every_quantisation_from_the_converter_serves(request, tmp_path):
+    """The converter's tiny GGUFs (random weights: never the format) load and go through the gate to the audit."""
+    from fastapi.testclient import TestClient
+
+    try:
+        gguf_dir = Path(request.getfixturevalue("tiny_gguf_dir"))
+    except pytest.FixtureLookupError:
+        pytest.skip("tests/conftest.py has no tiny_gguf_dir fixture yet")
+    files = sorted(gguf_dir.glob("*.gguf"))
+    assert {f.name.rsplit("-", 1)[1] for f in files} >= {"F16.gguf", "Q8_0.gguf", "Q4_K_M.gguf"}
+    for f in files:
+        b = LlamaCppBackend(f, n_ctx=512, n_threads=2)
+        try:
+            with TestClient(create_app(b, AuditLog(tmp_path / f"{f.stem}.sqlite3"))) as c:
+                r = c.post("/think", json={"prompt": TRAINED_PROMPT, "max_tokens": 16, "temperature": 0})
+        finally:
+            b.close()
+        assert r.status_code == 502 and r.json()["status"] == "withheld"
+        (row,) = rows(tmp_path / f"{f.stem}.sqlite3")
+        assert row["completion_tokens"] == 16 and row["model"] == f.name
