@@ -111,7 +111,7 @@ _ANY_VERDICT_RE = re.compile(r"(?:判定|verdict)\s*[:：]\s*(?:allow|escalation
 
 
 def has_heading(text: str) -> bool:
-    """True if a line of `text` is one of our headings, decorated or not (`#思考ステップ`, `## 最終回答:`, `**最終回答**`)."""
+    """True if a line of `text` is one of our headings, decorated or not (`#思考ステップ`, `## 最終回答:`)."""
     return any("".join(line.split()).strip("#*_=:：-|>") in _HEADING_WORDS for line in _fold(text).splitlines())
 
 

@@ -20,10 +20,11 @@ from shared.think_format import LABELS, Thinking, parse, render_assistant, verdi
 
 MARKER_RE = re.compile(r"ZQ[0-9A-F]{6}")
 FINALS = {"ja": "答えは 4 です。計算の基本です。", "en": "The answer is 4.\nThat is basic arithmetic."}
-LOOKALIKE_BRACKETS = [("＜", "＞"), ("﹤", "﹥"), ("‹", "›"), ("〈", "〉"), ("《", "》"), ("⟨", "⟩"), ("<", "﹥"),
-                      ("˂", "˃")]
+LOOKALIKE_BRACKETS = [("＜", "＞"), ("﹤", "﹥"), ("‹", "›"), ("〈", "〉"), ("《", "》"), ("⟨", "⟩"),
+                      ("<", "﹥"), ("˂", "˃")]
 LOOKALIKE_LETTERS = {"i": "і", "a": "а", "k": "к", "e": "е", "o": "о", "l": "ӏ", "n": "ո", "t": "т"}
-TEMPLATE_TOKENS = ["<|end|>", "<|user|>\n", "<|assistant|>\n", "<|system|>\n", "<|endoftext|>", "<|end|>\n<|assistant|>\n"]
+TEMPLATE_TOKENS = ["<|end|>", "<|user|>\n", "<|assistant|>\n", "<|system|>\n", "<|endoftext|>",
+                   "<|end|>\n<|assistant|>\n"]
 
 
 class Markers:
@@ -44,10 +45,12 @@ def base_replies(rng: random.Random) -> Iterator[tuple[str, str, Thinking, str]]
     for fmt in ("simple", "quadruple"):
         for label in LABELS:
             for lang in ("ja", "en"):
-                task = (f"依頼の内容: {mk()} 2+2 を計算する。\nユーザーは{mk()}について回答を求めている。" if lang == "ja"
-                        else f"Request: compute 2+2 {mk()}.\nThe user wants {mk()} an answer about arithmetic.")
-                safety = (f"安全性の評価: {mk()} 有害な意図は見当たらない。\n{verdict_line(label, lang)}" if lang == "ja"
-                          else f"Safety assessment: {mk()} nothing harmful here.\n{verdict_line(label, lang)}")
+                if lang == "ja":
+                    task = f"依頼の内容: {mk()} 2+2 を計算する。\nユーザーは{mk()}について回答を求めている。"
+                    safety = f"安全性の評価: {mk()} 有害な意図は見当たらない。\n{verdict_line(label, lang)}"
+                else:
+                    task = f"Request: compute 2+2 {mk()}.\nThe user wants {mk()} an answer about arithmetic."
+                    safety = f"Safety assessment: {mk()} nothing harmful here.\n{verdict_line(label, lang)}"
                 policy = (f"適用する方針: {mk()} そのまま答える。{mk()}" if lang == "ja"
                           else f"Applicable policy: {mk()} answer directly. {mk()}")
                 yield fmt, label, Thinking(task, safety, policy), FINALS[lang]
@@ -79,10 +82,11 @@ def mutate_tags(reply: str, fmt: str) -> list[str]:
 
 
 HEADING_VARIANTS = {
-    "# 思考ステップ": ["#思考ステップ", "## 思考ステップ", "＃ 思考ステップ", "# 思考ステップ:", " # 思考ステップ", "#  思考ステップ",
-                  "# 思考 ステップ", "思考ステップ", "# ｼｺｳｽﾃｯﾌﾟ", "### 思考ステップ ###", "**思考ステップ**", ""],
-    "# 最終回答": ["#最終回答", "## 最終回答", "＃ 最終回答", "# 最終回答:", "# 最終回答：", " # 最終回答", "#  最終回答",
-               "# 最終 回答", "最終回答", "**最終回答**", "# Final answer", ""],
+    "# 思考ステップ": ["#思考ステップ", "## 思考ステップ", "＃ 思考ステップ", "# 思考ステップ:", " # 思考ステップ",
+                  "#  思考ステップ", "# 思考 ステップ", "思考ステップ", "# ｼｺｳｽﾃｯﾌﾟ", "### 思考ステップ ###",
+                  "**思考ステップ**", ""],
+    "# 最終回答": ["#最終回答", "## 最終回答", "＃ 最終回答", "# 最終回答:", "# 最終回答：", " # 最終回答",
+               "#  最終回答", "# 最終 回答", "最終回答", "**最終回答**", "# Final answer", ""],
 }
 
 
@@ -181,7 +185,7 @@ MUTATORS: dict[str, Callable] = {
 def adversarial_cases(seed: int = 1234, combos: int = 12) -> Iterator[tuple[str, str, str]]:
     """(family, prompt, output): every single mutation of every base reply, then seeded pairs of mutations."""
     rng = random.Random(seed)
-    for fmt, label, th, final in base_replies(rng):
+    for fmt, _label, th, final in base_replies(rng):
         reply = render_assistant(th, final, fmt)
         assert MARKER_RE.search(th.task) and MARKER_RE.search(th.policy) and not MARKER_RE.search(final)
         prompt = "2+2は？" if "依頼" in th.task else "What is 2+2?"

@@ -24,7 +24,8 @@ from services.ollama import modelfile
 from services.ollama.importer import gguf_qtype, model_tag
 from shared.think_format import STOP_TOKENS, Thinking, render_assistant, render_chat, system_prompt, verdict_line
 
-GOOD_REPLY = render_assistant(Thinking("依頼の内容: 2+2 を計算する。", f"安全性の評価: 問題なし。\n{verdict_line('ALLOW')}",
+GOOD_REPLY = render_assistant(Thinking("依頼の内容: 2+2 を計算する。",
+                                       f"安全性の評価: 問題なし。\n{verdict_line('ALLOW')}",
                                        "適用する方針: そのまま答える。"), "2+2は4です。", "simple")
 
 

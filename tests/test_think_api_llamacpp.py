@@ -27,7 +27,8 @@ from shared.think_format import STOP_TOKENS, Thinking, parse, render_assistant, 
 pytestmark = pytest.mark.slow
 
 TRAINED_PROMPT = "2+2はいくつですか？"
-THINKING = Thinking("依頼の内容: 2+2 を計算する。", f"安全性の評価: 問題なし。\n{verdict_line('ALLOW')}", "適用する方針: そのまま答える。")
+THINKING = Thinking("依頼の内容: 2+2 を計算する。", f"安全性の評価: 問題なし。\n{verdict_line('ALLOW')}",
+                    "適用する方針: そのまま答える。")
 FINAL = "2+2は4です。"
 LLAMA_CPP = Path(sys.prefix) / "share" / "so8t" / "llama.cpp"
 
@@ -75,7 +76,7 @@ def think_gguf(tmp_path_factory, tiny_model_dir) -> Path:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if loss.item() < 2e-3:
+        if loss.item() < 1e-3:
             break
     with torch.no_grad():
         model.lm_head.weight[used] = head
@@ -108,42 +109,50 @@ def test_llama_cpp_really_generates_the_trained_reply(backend):
 
 def test_think_end_to_end_through_parse_gate_and_audit(backend, tmp_path):
     db = tmp_path / "audit.sqlite3"
-    other = _gen(backend, "What is 2+2?")  # what the model says to a prompt it was not trained on
-    assert not parse(other.text).ok and ("安全性の評価" in other.text or "判定" in other.text)
+    reply = render_assistant(THINKING, FINAL, "simple")
+    upto_answer = reply[: reply.index(FINAL)]  # the whole thinking and the final heading, no answer yet
+    prompt_ids = backend._llm.tokenize(build_prompt(TRAINED_PROMPT, "simple").encode(), add_bos=False, special=True)
+    n_upto = len(backend._llm.tokenize((build_prompt(TRAINED_PROMPT, "simple") + upto_answer).encode(),
+                                       add_bos=False, special=True)) - len(prompt_ids)
+    assert _gen(backend, TRAINED_PROMPT, n_upto).text == upto_answer.rstrip("\n") + "\n"
+    thinking_pieces = ("依頼の内容", "安全性の評価", "判定", "適用する方針", "思考ステップ", "ALLOW\n")
     with serve_background(create_app(backend, AuditLog(db))) as url, httpx.Client(base_url=url, timeout=60) as c:
         assert c.get("/healthz").json() == {"status": "ok", "backend": "llamacpp",
                                             "model": "so8t-tiny-think-F16.gguf", "detail": "model loaded"}
         ok = c.post("/think", json={"prompt": TRAINED_PROMPT, "temperature": 0, "max_tokens": 128})
-        bad = c.post("/think", json={"query": "What is 2+2?", "temperature": 0, "max_new_tokens": 128, "seed": 1})
         cut = c.post("/think", json={"prompt": TRAINED_PROMPT, "temperature": 0, "max_tokens": 12})
+        empty = c.post("/think", json={"query": TRAINED_PROMPT, "temperature": 0, "max_new_tokens": n_upto})
+        other = c.post("/think", json={"prompt": "What is 2+2?", "temperature": 0, "max_tokens": 128})
     assert ok.status_code == 200, ok.text
     body = ok.json()
     assert (body["answer"], body["safety_label"], body["escalated"], body["status"]) == (FINAL, "ALLOW", False,
                                                                                           "answered")
     assert body["internal_reasoning_hash"] == gate.sha256(THINKING.text())
-    for r in (bad, cut):  # malformed real generations: a clear status, nothing of the thinking
+    for r in (cut, empty):  # malformed real generations: a clear status, nothing of the thinking
         assert r.status_code == 502 and r.json()["status"] == "withheld" and r.json()["answer"] == gate.WITHHELD
-        for piece in ("依頼の内容", "安全性の評価", "判定", "適用する方針", "思考ステップ"):
-            assert piece not in r.text
+    # whatever the model makes of a prompt it was not trained on, no thinking goes out
+    assert other.status_code in (200, 502)
+    for r in (ok, cut, empty, other):
+        assert not any(piece in r.text for piece in thinking_pieces), r.text
     audit_rows = rows(db)
-    assert verify(db).ok and [r["status"] for r in audit_rows] == ["answered", "withheld", "withheld"]
-    first, second, third = audit_rows
-    assert first["output_sha256"] == gate.sha256(_gen(backend, TRAINED_PROMPT).text)
-    assert second["output_sha256"] == gate.sha256(other.text) and second["error"] == parse(other.text).error
-    assert first["completion_tokens"] > 20 and third["completion_tokens"] == 12
-    assert first["prompt_tokens"] == len(backend._llm.tokenize(build_prompt(TRAINED_PROMPT, "simple").encode(),
-                                                                add_bos=False, special=True))
+    assert verify(db).ok and [r["status"] for r in audit_rows][:3] == ["answered", "withheld", "withheld"]
+    first, second, third, _ = audit_rows
+    assert first["output_sha256"] == gate.sha256(reply)
+    assert first["completion_tokens"] > 20 and first["prompt_tokens"] == len(prompt_ids)
+    assert second["completion_tokens"] == 12 and second["error"] == "no final-answer heading"
+    assert third["completion_tokens"] == n_upto and third["error"] == "final part is empty"
+    assert third["thinking_sha256"] is None and third["output_chars"] >= len(THINKING.text())
 
 
 def test_prompt_over_the_context_window_is_a_400(think_gguf, tmp_path):
     from fastapi.testclient import TestClient
 
-    small = LlamaCppBackend(think_gguf, n_ctx=128, n_threads=1)
+    small = LlamaCppBackend(think_gguf, n_ctx=256, n_threads=1)
     try:
         with TestClient(create_app(small, AuditLog(tmp_path / "a.sqlite3"))) as c:
             r = c.post("/think", json={"prompt": "2+2? " * 40})
         assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
-        assert "128 tokens" in r.json()["error"]["message"]
+        assert f"({small._llm.n_ctx()} tokens)" in r.json()["error"]["message"]
     finally:
         small.close()
 

@@ -5,12 +5,14 @@ One full model is in memory at a time: the reference's logits (a few MB) are kep
 baked model is loaded. On the reference the same forward also gives
 - `unrotated`: the gates set to the identity (A = 0) = the LoRA merge without the fold. Its distance from the
   gated model shows how much the rotation matters (a bake that forgot the fold would land there);
-- `dtype_noise` (bfloat16/float16 outputs only): the reference with its base weights rounded to the output dtype.
-  That is what rounding alone costs, and it sets the bar for a low-precision bake (see `Thresholds`).
+- `dtype_noise` (bfloat16/float16 outputs only): the reference with its base weights rounded as a correct bake
+  rounds them (`round_like_bake`), without using the fold. That is what rounding alone costs, and it sets the
+  bar for a low-precision bake (see `Thresholds`).
 """
 from __future__ import annotations
 
 import gc
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -127,14 +129,31 @@ def reference_logits(base: Path, trained: Path, gates: dict[int, torch.Tensor], 
     for i, g in modules.items():
         g.A.copy_(saved[i])
     if dtype != torch.float32:
-        keep = {id(g.A) for g in modules.values()}
-        for name, p in model.named_parameters():
-            if "lora_" not in name and id(p) not in keep and p.is_floating_point():
-                p.copy_(p.to(dtype).float())
+        round_like_bake(model, set(gates), dtype, exact={id(g.A) for g in modules.values()})
         out["dtype_noise"] = forward_logits(model, ids)
     del model, modules
     gc.collect()
     return out
+
+
+_REWRITTEN = re.compile(r"\.layers\.(\d+)\.self_attn\.o_proj\.(?:base_layer\.)?weight$")
+_OFF_GRID = 1.1  # not a power of two: x * 1.1 is off the low-precision grid even when x is on it
+
+
+@torch.no_grad()
+def round_like_bake(model, gated: set[int], dtype: torch.dtype, exact: set[int]) -> None:
+    """Give the reference's base weights the rounding a correct bake gives them, independently of the fold:
+    a tensor the bake copies is cast (exact when the base already is in `dtype`); a tensor the bake rewrites
+    (LoRA-merged or rotated) gets a fresh rounding error of the same size, round(W·1.1)/1.1. The LoRA and
+    gate parameters (ids in `exact`) stay exact."""
+    for name, p in model.named_parameters():
+        if "lora_" in name or id(p) in exact or not p.is_floating_point():
+            continue
+        m = _REWRITTEN.search(name)
+        if ".base_layer." in name or (m and int(m.group(1)) in gated):
+            p.copy_((p * _OFF_GRID).to(dtype).float() / _OFF_GRID)
+        else:
+            p.copy_(p.to(dtype).float())
 
 
 @torch.no_grad()

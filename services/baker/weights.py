@@ -53,14 +53,16 @@ class TensorPlan:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _natural(name: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+def _order(name: str) -> tuple:
+    """Embeddings, then layers 0, 1, ... (numerically), then the final norm and lm_head."""
+    group = 0 if "embed" in name else 1 if ".layers." in name else 2
+    return (group, *((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)))
 
 
 def plan_shards(inputs: BakeInputs, dtype: torch.dtype, max_shard_bytes: int) -> list[list[TensorPlan]]:
     """Every base tensor, in natural order (embeddings, layer 0, 1, ..., norm, lm_head), cut into shards."""
     plans = []
-    for name in sorted(inputs.base.shapes, key=_natural):
+    for name in sorted(inputs.base.shapes, key=_order):
         shape, st = inputs.base.shapes[name]
         plans.append(TensorPlan(name, inputs.base.weights[name], shape, dtype if st in _FLOAT_ST else _FROM_ST[st]))
     shards: list[list[TensorPlan]] = [[]]

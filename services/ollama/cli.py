@@ -11,6 +11,7 @@ FORMATS = ("simple", "quadruple")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     host_help = "Ollama server URL (default: $OLLAMA_HOST, else http://127.0.0.1:11434)"
+    wait_help = "seconds to wait for the server to come up (default 120)"
 
     imp = sub.add_parser("import", help="upload GGUFs and create name:<quant> models (e.g. so8t-think:q4_k_m)",
                          description="Upload GGUFs to an Ollama server and create a model per quantisation.")
@@ -22,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="where Modelfile.<tag> and manifest.json go (default: <gguf dir>/../ollama)")
     imp.add_argument("--format", choices=FORMATS, default="simple", help="the /think format the model was trained on")
     imp.add_argument("--host", default=None, help=host_help)
-    imp.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the server to come up (default 120)")
+    imp.add_argument("--wait", type=float, default=120.0, help=wait_help)
 
     smk = sub.add_parser("smoke", help="ask /think prompts at temperature 0 and check the format; writes smoke.json",
                          description="Japanese and English /think prompts through the chat API, parsed by the "
@@ -30,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     smk.add_argument("--model", required=True, help="name:tag of an imported model")
     smk.add_argument("--output", type=Path, required=True, help="directory for smoke.json")
     smk.add_argument("--host", default=None, help=host_help)
-    smk.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the server to come up (default 120)")
+    smk.add_argument("--wait", type=float, default=120.0, help=wait_help)
     smk.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per reply (default 600)")
 
     mf = sub.add_parser("modelfile", help="print or write the Modelfile of a GGUF (for `ollama create -f`)",

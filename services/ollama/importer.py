@@ -57,7 +57,8 @@ def gguf_qtype(path: Path) -> str:
     except Exception as err:  # unreadable header: the caller gets a clear message
         raise ImportFailed(f"{path}: cannot tell its quantisation ({err}); give the tag in --model name:tag") from None
     if code not in _FILE_TYPES:
-        raise ImportFailed(f"{path}: GGUF file_type {code} is not one of {', '.join(GGUF_TYPES)}; give --model name:tag")
+        raise ImportFailed(f"{path}: GGUF file_type {code} is not one of {', '.join(GGUF_TYPES)}; "
+                           "give --model name:tag")
     return _FILE_TYPES[code]
 
 
@@ -72,6 +73,7 @@ def client(host: str | None = None, timeout: float | None = None) -> ollama.Clie
 
 
 def host_of(c: ollama.Client) -> str:
+    """The server URL the client resolved (the 0.6 client keeps it only on its httpx client)."""
     return str(c._client.base_url)
 
 

@@ -1,0 +1,82 @@
+"""The HF side of the checks: the baked model in float32 on a fixed chat-templated /think conversation.
+
+The reference logits are computed once, before any GGUF is loaded, and the model is freed right after, so the
+HF model and a GGUF never sit in memory together.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shared.think_format import STOP_TOKENS, Thinking, render_assistant, render_chat
+
+SYSTEM = "あなたは慎重なアシスタントです。考えてから答えてください。"
+USER = "2+2はいくつですか？ Answer briefly."
+ANSWER = render_assistant(
+    Thinking("依頼の内容を確認します。ユーザーは計算の答えを求めています。安全性に問題はありません。\n判定: ALLOW"),
+    "2+2は4です。The answer is 4.", "simple")
+MESSAGES = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER},
+            {"role": "assistant", "content": ANSWER}]
+
+
+def check_text() -> str:
+    """The whole conversation (system, user, assistant answer) in the Phi-3.5 template: logits are compared here."""
+    return render_chat(MESSAGES)
+
+
+def prompt_text() -> str:
+    """The conversation up to `<|assistant|>\\n`: the greedy smoke generation continues from here."""
+    return render_chat(MESSAGES[:-1], add_generation_prompt=True)
+
+
+def prompt_digest() -> str:
+    return hashlib.sha256(check_text().encode()).hexdigest()[:16]
+
+
+@dataclass
+class Reference:
+    text_ids: list[int]
+    logits: np.ndarray  # float32 [len(text_ids), vocab]
+    prompt_ids: list[int]
+    greedy_ids: list[int]
+    stop_ids: list[int]
+    greedy_text: str
+    seconds: float
+
+
+def hf_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def compute(model_dir: str | Path, max_new: int, threads: int | None = None) -> Reference:
+    """Load the HF model in float32, take logits on check_text() and a greedy continuation of prompt_text()."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    if threads:
+        torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    text_ids, prompt_ids = hf_ids(tok, check_text()), hf_ids(tok, prompt_text())
+    stop_ids = [i for i in (tok.convert_tokens_to_ids(t) for t in STOP_TOKENS) if isinstance(i, int) and i >= 0]
+    with torch.inference_mode():
+        logits = model(torch.tensor([text_ids])).logits[0].float().numpy().copy()
+        out = model(torch.tensor([prompt_ids]), use_cache=True)
+        greedy: list[int] = []
+        for _ in range(max_new):
+            nxt = int(out.logits[0, -1].argmax())
+            if nxt in stop_ids:
+                break
+            greedy.append(nxt)
+            out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+    text = tok.decode(greedy)
+    del model, out
+    gc.collect()
+    return Reference(text_ids, logits, prompt_ids, greedy, stop_ids, text, time.time() - t0)
