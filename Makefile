@@ -25,35 +25,41 @@ COMPOSE ?= docker compose
 env_get = $(shell sed -n 's/^$(1)=//p' .env 2>/dev/null | tail -n 1 | tr -d "\"'")
 DATA_DIR ?= $(or $(call env_get,DATA_DIR),./data)
 REGISTRY ?= $(call env_get,REGISTRY)
-RUN_ID ?= $(or $(call env_get,SO8T_RUN_ID),$(call env_get,SO8T_PROFILE),full)
+# like compose: the shell's environment first, then .env, then the default
+RUN_ID ?= $(or $(SO8T_RUN_ID),$(call env_get,SO8T_RUN_ID),$(SO8T_PROFILE),$(call env_get,SO8T_PROFILE),full)
 # make pipeline BUILD=0: use the images as they are (pulled from REGISTRY), build nothing
 BUILD ?= 1
 # extra arguments for one stage (make train ARGS="--max-steps 50"), one service for logs/build (SERVICE=trainer)
 ARGS ?=
 SERVICE ?=
 # stages run as the invoking user, so their files on the bind-mounted data folder are the user's
-export SO8T_UID ?= $(shell id -u)
-export SO8T_GID ?= $(shell id -g)
+export SO8T_UID ?= $(or $(call env_get,SO8T_UID),$(shell id -u))
+export SO8T_GID ?= $(or $(call env_get,SO8T_GID),$(shell id -g))
 PIPELINE := $(COMPOSE) --profile pipeline
 # one stage alone: no pipeline id (any upstream manifest counts), no waiting (a missing upstream fails at once)
 STAGE_RUN := $(PIPELINE) run --rm --no-deps -e SO8T_PIPELINE_ID= -e SO8T_WAIT_TIMEOUT=0
 UP_BUILD = $(if $(filter 1,$(BUILD)),--build,)
 
-.PHONY: help pipeline up down logs ps build push demo data-dir dataset train bake convert import
+.PHONY: help pipeline up down logs ps build push pull demo data-dir dataset train bake convert import
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
 
 data-dir:  ## create the data folder (so Docker does not create it as root); seed the example input if empty
-	@mkdir -p "$(DATA_DIR)/input/four_class"
-	@if ! ls "$(DATA_DIR)"/input/four_class/*.jsonl >/dev/null 2>&1; then \
+	@host="$${DOCKER_HOST:-$$(docker context inspect --format '{{.Endpoints.docker.Host}}' 2>/dev/null)}"; \
+	case "$$host" in ssh://*|tcp://*) \
+	  echo ">> Docker engine at $$host: DATA_DIR=$(DATA_DIR) is a folder on that machine; create it there," \
+	       "writable by uid $(SO8T_UID), with the input in $(DATA_DIR)/input/four_class"; exit 0;; esac; \
+	mkdir -p "$(DATA_DIR)/input/four_class"; \
+	if ! ls "$(DATA_DIR)"/input/four_class/*.jsonl >/dev/null 2>&1; then \
 	  cp examples/four_class/*.jsonl "$(DATA_DIR)/input/four_class/"; \
 	  echo ">> $(DATA_DIR)/input/four_class was empty: copied the example set (examples/four_class) there"; \
 	fi
 
 pipeline: data-dir  ## the whole chain in containers; follows the logs until the Ollama import + smoke test ends
 	@export SO8T_PIPELINE_ID="$$(date -u +%Y%m%dT%H%M%SZ)"; \
-	echo ">> pipeline $$SO8T_PIPELINE_ID: data in $(DATA_DIR), run $(RUN_ID)"; \
+	echo ">> pipeline $$SO8T_PIPELINE_ID: data in $(DATA_DIR), run $(RUN_ID)" \
+	     "(Ctrl-C stops following the logs, not the stack: make down stops it)"; \
 	$(PIPELINE) up --detach $(UP_BUILD) || exit $$?; \
 	$(PIPELINE) logs --follow dataset trainer baker converter ollama-import & logs=$$!; \
 	rc=$$(docker wait "$$($(PIPELINE) ps --all --quiet ollama-import)") || rc=1; \
@@ -85,6 +91,10 @@ push:  ## build and push the images to REGISTRY (from .env), for another GPU box
 	@test -n "$(REGISTRY)" || { echo "make push: set REGISTRY=<registry>/<namespace> in .env (images become \$$REGISTRY/so8t-cuda etc.)"; exit 2; }
 	REGISTRY="$(REGISTRY)" $(PIPELINE) build
 	REGISTRY="$(REGISTRY)" $(PIPELINE) push dataset converter think-api
+
+pull:  ## on another GPU box: pull the images pushed to REGISTRY (then make pipeline BUILD=0)
+	@test -n "$(REGISTRY)" || { echo "make pull: set REGISTRY in .env to where make push put the images"; exit 2; }
+	REGISTRY="$(REGISTRY)" $(PIPELINE) pull
 
 dataset: data-dir  ## one stage in its container: the dataset builder (ARGS="..." are appended)
 	$(STAGE_RUN) dataset $(ARGS)

@@ -17,8 +17,9 @@ RUN apt-get update \
  && python -m venv /opt/venv \
  && pip install --upgrade pip
 
-# torch (CPU build), then the project's dependencies pinned by constraints.txt
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# torch (the CPU build, 2.13.0+cpu, outranks PyPI's CUDA one), then the project's dependencies pinned by
+# constraints.txt
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml constraints.txt docker/project-deps.py /tmp/deps/
 RUN python /tmp/deps/project-deps.py /tmp/deps/pyproject.toml > /tmp/deps/requirements.txt \
  && pip install -c /tmp/deps/constraints.txt -r /tmp/deps/requirements.txt

@@ -2,10 +2,11 @@
 #
 # The CUDA runtime of the base and the CUDA build of torch must match. torch 2.13.0's Linux wheels are built for
 # CUDA 13.0 (their metadata pins cuda-toolkit 13.0.3), so the base is the CUDA 13.0 runtime, pinned by digest, and
-# torch comes from the cu130 index. The host needs an NVIDIA driver for CUDA 13.0 (>= 580) and the NVIDIA container
-# toolkit. For an older driver, build another matching pair, for example CUDA 12.8:
-#   docker compose build --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04 \
-#                        --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# torch is the cu130 build. The host needs an NVIDIA driver for CUDA 13.0 (>= 580) and the NVIDIA container
+# toolkit. For an older driver, build another matching pair, for example CUDA 12.8, with these in .env (compose
+# passes them as the build args BASE_IMAGE and TORCH_INDEX_URL), then `make build`:
+#   CUDA_BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 # Layers go from the slowest-changing to the fastest: system Python, torch, the pinned dependencies
 # (pyproject.toml + constraints.txt), and the code last, so a code change rebuilds only the last layers.
 ARG BASE_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04@sha256:c3fde347d52d578c84fd644bc177bc7ec333feaf11550d990da4084d7612e4c7
@@ -36,8 +37,9 @@ RUN apt-get update \
  && python3 -m venv /opt/venv \
  && pip install --upgrade pip
 
-# torch: the CUDA build that matches the base image
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# torch: the CUDA build that matches the base image (2.13.0+cu130 from the PyTorch index outranks PyPI's plain
+# 2.13.0; PyPI serves the rest)
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 # the project's dependencies, exact versions from constraints.txt; cached until either file changes
 COPY pyproject.toml constraints.txt docker/project-deps.py /tmp/deps/

@@ -161,6 +161,22 @@ def test_gpu_reservations_only_for_trainer_and_baker(config, compose_bin, empty_
     assert all_gpus["services"]["trainer"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == -1
 
 
+def test_ollama_gpu_override(compose_bin, empty_env_file):
+    """docker/compose.ollama-gpu.yaml (opt-in) gives the Ollama server a GPU and changes nothing else."""
+    clean = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR")}
+    cmd = [str(compose_bin), "--project-directory", str(REPO), "-f", str(COMPOSE_FILE), "-f",
+           str(REPO / "docker" / "compose.ollama-gpu.yaml"), "--env-file", str(empty_env_file), "--profile", "pipeline"]
+    r = subprocess.run(cmd + ["config", "--format", "json"], capture_output=True, text=True, env=clean, timeout=60)
+    assert r.returncode == 0, r.stderr
+    both = json.loads(r.stdout)
+    base = rendered(compose_bin, empty_env_file)
+    device = both["services"]["ollama"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    del both["services"]["ollama"]["deploy"]
+    base["services"]["ollama"].pop("deploy", None)
+    assert both == base
+
+
 def test_healthchecks(config):
     s = config["services"]
     assert s["ollama"]["healthcheck"]["test"] == ["CMD", "ollama", "list"]  # the image has no curl
@@ -357,3 +373,73 @@ def test_env_example_documents_every_variable():
 def test_env_example_values_are_the_compose_defaults(compose_bin, empty_env_file):
     """Copying .env.example to .env changes nothing: its values are compose.yaml's defaults."""
     assert rendered(compose_bin, REPO / ".env.example") == rendered(compose_bin, empty_env_file)
+
+
+# ---- the Makefile drives this compose file ------------------------------------------------------------------------
+
+STAGE_TARGETS = {"dataset": "dataset", "train": "trainer", "bake": "baker", "convert": "converter",
+                 "import": "ollama-import"}
+
+STUB_DOCKER = """#!/usr/bin/env bash
+# stand-in for the docker CLI (no engine here): records each call, answers `ps -q` and `wait`
+echo "SO8T_PIPELINE_ID=$SO8T_PIPELINE_ID UID=$SO8T_UID :: $*" >> "$STUB_LOG"
+case "$*" in
+  *" ps --all --quiet ollama-import") echo stub-container-id ;;
+  "wait stub-container-id") echo "$STUB_RC" ;;
+  *" logs --follow "*) sleep 0.2 ;;
+  "context inspect"*) echo unix:///var/run/docker.sock ;;
+esac
+"""
+
+
+def make(*args: str, tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    stub = tmp_path / "bin"
+    stub.mkdir(exist_ok=True)
+    (stub / "docker").write_text(STUB_DOCKER)
+    (stub / "docker").chmod(0o755)
+    full_env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR")}
+    full_env.update(PATH=f"{stub}:{full_env['PATH']}", STUB_LOG=str(tmp_path / "calls.log"), **(env or {}))
+    return subprocess.run(["make", "--no-print-directory", "-C", str(REPO), f"DATA_DIR={tmp_path / 'data'}", *args],
+                          capture_output=True, text=True, env=full_env, timeout=60)
+
+
+@pytest.fixture()
+def needs_make():
+    if subprocess.run(["which", "make"], capture_output=True).returncode != 0:
+        pytest.skip("make not installed")
+
+
+@pytest.mark.parametrize("target", sorted(STAGE_TARGETS))
+def test_make_stage_targets_run_one_service(needs_make, config, tmp_path, target):
+    r = make(target, "ARGS=--max-steps 5", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    call = (tmp_path / "calls.log").read_text().splitlines()[-1]
+    service = STAGE_TARGETS[target]
+    assert service in config["services"]
+    assert call.endswith(f"--profile pipeline run --rm{' --no-deps' if target != 'import' else ''} "
+                         f"-e SO8T_PIPELINE_ID= -e SO8T_WAIT_TIMEOUT=0 {service} --max-steps 5"), call
+    # the data folder exists before Docker would create it (as root), seeded with the example input
+    assert sorted(p.name for p in (tmp_path / "data" / "input" / "four_class").iterdir()) == \
+        sorted(p.name for p in (REPO / "examples" / "four_class").glob("*.jsonl"))
+
+
+@pytest.mark.parametrize("rc", ["0", "3"])
+def test_make_pipeline_starts_everything_with_one_new_pipeline_id(needs_make, tmp_path, rc):
+    r = make("pipeline", tmp_path=tmp_path, env={"STUB_RC": rc, "SO8T_UID": "4321"})
+    # make exits 2 when a recipe fails, and names the recipe's exit code: ollama-import's
+    assert (r.returncode, "Error 3" in r.stderr) == ((0, False) if rc == "0" else (2, True)), r.stdout + r.stderr
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    up = next(c for c in calls if " up --detach --build" in c)
+    pid = re.match(r"SO8T_PIPELINE_ID=(\S+) UID=4321 :: compose --profile pipeline up", up).group(1)
+    assert re.fullmatch(r"\d{8}T\d{6}Z", pid)
+    assert any(c.endswith("wait stub-container-id") for c in calls)
+    assert ("pipeline " + pid + " done") in r.stdout if rc == "0" else "ollama-import exited 3" in r.stdout
+
+
+def test_make_push_needs_a_registry(needs_make, tmp_path):
+    r = make("push", "REGISTRY=", tmp_path=tmp_path)
+    assert r.returncode == 2 and "set REGISTRY" in r.stdout and not (tmp_path / "calls.log").exists()
+    r = make("push", "REGISTRY=registry.example:5000/team", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert calls[-1].endswith("compose --profile pipeline push dataset converter think-api")

@@ -131,7 +131,8 @@ def stack_cmd(name: str, *after: str, command: list[str]) -> list[str]:
 
 
 def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, SO8T_STACK_DIR=str(tmp_path / "stack"), SO8T_WAIT_INTERVAL="0.1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, SO8T_STACK_DIR=str(tmp_path / "stack"), SO8T_WAIT_INTERVAL="0.1", PYTHONUNBUFFERED="1",
+               SO8T_WAIT_TIMEOUT="30")
     env.pop("SO8T_PIPELINE_ID", None)
     env.update(extra)
     return env
@@ -143,7 +144,8 @@ def py(code: str) -> list[str]:
 
 def test_cli_fails_at_once_when_the_upstream_is_missing(tmp_path):
     r = subprocess.run(stack_cmd("trainer", f"dataset={tmp_path / 'ds'}", command=py("print('ran')")),
-                       capture_output=True, text=True, cwd=REPO, env=env_for(tmp_path, SO8T_WAIT_TIMEOUT="0"))
+                       capture_output=True, text=True, cwd=REPO, timeout=60,
+                       env=env_for(tmp_path, SO8T_WAIT_TIMEOUT="0"))
     assert r.returncode == wait.EX_TEMPFAIL and "ran" not in r.stdout
     assert f"no manifest yet at {tmp_path / 'ds' / 'manifest.json'}" in r.stderr and "make <stage>" in r.stderr
     assert not (tmp_path / "stack" / "trainer.json").exists()
@@ -151,15 +153,18 @@ def test_cli_fails_at_once_when_the_upstream_is_missing(tmp_path):
 
 def test_cli_runs_the_chain_and_records_the_exit_code(tmp_path):
     write_manifest(tmp_path / "ds")
+    marker(tmp_path / "stack", "converter", "p")
     side = tmp_path / "second-ran"
     r = subprocess.run(stack_cmd("ollama-import", f"converter={tmp_path / 'ds'}",
                                  command=py("import sys; sys.exit(3)") + ["&&"] + py(f"open({str(side)!r}, 'w')")),
-                       capture_output=True, text=True, cwd=REPO, env=env_for(tmp_path, SO8T_PIPELINE_ID="p"))
+                       capture_output=True, text=True, cwd=REPO, timeout=60,
+                       env=env_for(tmp_path, SO8T_PIPELINE_ID="p"))
     assert r.returncode == 3 and not side.exists()  # stops at the first failure
     m = json.loads((tmp_path / "stack" / "ollama-import.json").read_text())
     assert m["exit_code"] == 3 and m["state"] == "failed" and m["pipeline_id"] == "p" and len(m["commands"]) == 2
     r = subprocess.run(stack_cmd("ollama-import", command=py("print('one')") + ["&&"] + py("print('two')")),
-                       capture_output=True, text=True, cwd=REPO, env=env_for(tmp_path, SO8T_PIPELINE_ID="p"))
+                       capture_output=True, text=True, cwd=REPO, timeout=60,
+                       env=env_for(tmp_path, SO8T_PIPELINE_ID="p"))
     assert r.returncode == 0 and r.stdout.split() == ["one", "two"]
     assert json.loads((tmp_path / "stack" / "ollama-import.json").read_text())["state"] == "done"
 
@@ -188,7 +193,7 @@ def test_sigterm_while_waiting_exits_at_once(tmp_path):
     p = subprocess.Popen(stack_cmd("baker", f"trainer={tmp_path / 'final'}", command=py("print('ran')")),
                          cwd=REPO, env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 30
-    while "waits for trainer" not in (line := p.stderr.readline()) and time.time() < deadline:
+    while "waits for trainer" not in p.stderr.readline() and time.time() < deadline:
         pass
     p.send_signal(signal.SIGTERM)
     assert p.wait(10) == 128 + signal.SIGTERM

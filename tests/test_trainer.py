@@ -317,6 +317,25 @@ def test_gates_see_lora_too_so_the_bake_is_merge_then_fold(tiny_model_dir):
     assert (trained - baked).abs().max() < 1e-5
 
 
+def test_batched_rotations_match_per_layer_ones_and_never_go_stale(tiny_model_dir):
+    from services.trainer.gates import attach_gates, clear_rotations, orthogonality, precompute_rotations
+
+    model = _tiny(tiny_model_dir)
+    gates = attach_gates(model, None, None, init_scale=0.3, seed=1)
+    x = torch.randint(0, 1000, (1, 10))
+    with torch.no_grad():
+        per_layer = model(x).logits
+        R = precompute_rotations(gates)
+        batched = model(x).logits
+        assert (per_layer - batched).abs().max() < 1e-6
+        assert orthogonality(gates, R).item() == pytest.approx(orthogonality(gates).item(), abs=1e-12)
+        gates[0].A.add_(torch.randn(gates[0].A.shape) * 0.1)  # what an optimizer step does: the cached rotation of layer 0 is now stale
+        moved = model(x).logits
+        clear_rotations(gates)
+        fresh = model(x).logits
+    assert torch.equal(moved, fresh) and (moved - batched).abs().max() > 1e-4
+
+
 def test_attach_gates_loads_given_tensors_and_rejects_bad_input(tiny_model_dir):
     from services.trainer.gates import attach_gates
 

@@ -154,8 +154,12 @@ def token_report(ref: reference.Reference, llama_check: list[int], llama_prompt:
 
 
 def _temp_path(out: Path, final: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{final}.", suffix=".tmp", dir=out)  # remove_stale_temps' pattern
+    """An empty temp file beside `final` (remove_stale_temps' pattern), readable like any new file (umask)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{final}.", suffix=".tmp", dir=out)
     os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it 0600; Ollama or the think API may read it as another user
     return Path(tmp)
 
 

@@ -18,16 +18,36 @@ FTYPES = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_
 
 
 @contextlib.contextmanager
-def quiet_llama(level: int = logging.WARNING) -> Iterator[None]:
-    """Keep llama.cpp's per-tensor INFO lines off the console (llama_cpp routes them through this logger)."""
-    import llama_cpp._logger as llog
+def llama_log_to(logger: logging.Logger) -> Iterator[list[str]]:
+    """Route llama.cpp's log into `logger` (its INFO as DEBUG: per-tensor lines) and collect warnings and errors.
 
-    before = llog.logger.level
-    llog.logger.setLevel(level)
+    llama-cpp-python 0.3.36's own callback maps ggml's levels off by one (ggml: 1 debug, 2 info, 3 warn, 4 error),
+    so with it INFO shows as a warning and errors can vanish; ours reads them right. Its callback is put back after.
+    """
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp._logger as theirs
+
+    problems: list[str] = []
+    last = [logging.DEBUG]
+    levels = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        lvl = last[0] if level == 5 else levels.get(level, logging.DEBUG)
+        last[0] = lvl
+        line = text.decode("utf-8", errors="replace").rstrip()
+        if line:
+            logger.log(lvl, "llama.cpp: %s", line)
+            if lvl >= logging.WARNING:
+                problems.append(line)
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
     try:
-        yield
+        yield problems
     finally:
-        llog.logger.setLevel(before)
+        llama_cpp.llama_log_set(theirs.llama_log_callback, ctypes.c_void_p(0))
 
 
 def quantize(src: Path, dst: Path, qtype: str, threads: int | None = None) -> float:
@@ -41,10 +61,10 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int | None = None) -> fl
     params.nthread = threads or os.cpu_count() or 1
     log.info("llama.cpp quantise %s -> %s (%s)", src.name, dst.name, qtype)
     t0 = time.time()
-    with quiet_llama():
+    with llama_log_to(log) as problems:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
-        raise ConvertError(f"llama_model_quantize({src} -> {qtype}) returned {rc} (llama.cpp's error is above)")
+        raise ConvertError(f"llama_model_quantize({src} -> {qtype}) returned {rc}: " + " | ".join(problems[-5:]))
     if not dst.is_file() or dst.stat().st_size == 0:
         raise ConvertError(f"llama_model_quantize({src} -> {qtype}) returned 0 but wrote no {dst}")
     return time.time() - t0

@@ -60,23 +60,23 @@ def compute(model_dir: str | Path, max_new: int, threads: int | None = None) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
+    before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    text_ids, prompt_ids = hf_ids(tok, check_text()), hf_ids(tok, prompt_text())
-    stop_ids = [i for i in (tok.convert_tokens_to_ids(t) for t in STOP_TOKENS) if isinstance(i, int) and i >= 0]
-    with torch.inference_mode():
-        logits = model(torch.tensor([text_ids])).logits[0].float().numpy().copy()
-        out = model(torch.tensor([prompt_ids]), use_cache=True)
-        greedy: list[int] = []
-        for _ in range(max_new):
-            nxt = int(out.logits[0, -1].argmax())
-            if nxt in stop_ids:
-                break
-            greedy.append(nxt)
-            out = model(torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
-    text = tok.decode(greedy)
-    del model, out
-    gc.collect()
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        text_ids, prompt_ids = hf_ids(tok, check_text()), hf_ids(tok, prompt_text())
+        stop_ids = [i for i in (tok.convert_tokens_to_ids(t) for t in STOP_TOKENS) if isinstance(i, int) and i >= 0]
+        with torch.inference_mode():
+            logits = model(torch.tensor([text_ids])).logits[0].float().numpy().copy()
+            seq = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                                 max_new_tokens=max_new, do_sample=False, eos_token_id=stop_ids,
+                                 pad_token_id=stop_ids[-1] if stop_ids else None)[0, len(prompt_ids):].tolist()
+        greedy = [t for t in seq[: next((i for i, t in enumerate(seq) if t in stop_ids), len(seq))]]
+        text = tok.decode(greedy)
+        del model
+        gc.collect()
+    finally:
+        torch.set_num_threads(before)
     return Reference(text_ids, logits, prompt_ids, greedy, stop_ids, text, time.time() - t0)

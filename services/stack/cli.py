@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from services.stack.wait import (EX_TEMPFAIL, Upstream, _Forwarder, format_duration, log, parse_duration,
+    from services.stack.wait import (EX_TEMPFAIL, Upstream, Forwarder, format_duration, log, parse_duration,
                                      run_commands, split_commands, stack_dir_from_env, wait_for, write_marker)
 
     argv = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     stack_dir = Path(args.stack_dir) if args.stack_dir else stack_dir_from_env()
     pipeline_id = os.environ.get("SO8T_PIPELINE_ID", "").strip()
 
-    forwarder = _Forwarder()
+    forwarder = Forwarder()
     forwarder.install()
     started = time.time()
     reason = wait_for(upstreams, name=args.name, stack_dir=stack_dir, pipeline_id=pipeline_id,

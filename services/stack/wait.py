@@ -13,6 +13,7 @@ code) when its command ends, and a stage waits for exit code 0 under its own pip
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -73,8 +74,6 @@ def marker_path(stack_dir: Path, name: str) -> Path:
 
 
 def read_marker(stack_dir: Path, name: str) -> dict | None:
-    import json
-
     try:
         return json.loads(marker_path(stack_dir, name).read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
@@ -152,7 +151,7 @@ def split_commands(argv: Sequence[str]) -> list[list[str]]:
     return commands
 
 
-class _Forwarder:
+class Forwarder:
     """Pass SIGTERM/SIGINT on to the running child (docker stop reaches the stage); while waiting, exit at once."""
 
     def __init__(self) -> None:
@@ -171,7 +170,7 @@ class _Forwarder:
             signal.signal(sig, self)
 
 
-def run_commands(commands: Sequence[Sequence[str]], forwarder: _Forwarder | None = None) -> int:
+def run_commands(commands: Sequence[Sequence[str]], forwarder: Forwarder | None = None) -> int:
     """Run each command in turn; stop at the first non-zero exit (a signal death counts as 128 + signal, and so does
     a command that exits 0 after a SIGTERM/SIGINT was passed on to it: a stopped stage is never marked done)."""
     for argv in commands:

@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from shared.so8 import BLOCK, SO8Gate, orthogonality_error
+from shared.so8 import BLOCK, SO8Gate, apply_rotation, orthogonality_error, rotations
 
 _ATTN_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn$")
 GATE_ATTR = "so8t_gate"
@@ -97,8 +97,36 @@ def attach_gates(
 
 def _rotate_input(gate: SO8Gate):
     def hook(_module: nn.Module, args: tuple) -> tuple:
-        return (gate(args[0]),) + tuple(args[1:])
+        R = getattr(gate, "_so8t_R", None)
+        if R is None or gate._so8t_R_version != gate.A._version:  # no batch rotations, or A changed since
+            R = gate.rotation()
+        return (apply_rotation(args[0], R),) + tuple(args[1:])
     return hook
+
+
+def precompute_rotations(gates: dict[int, SO8Gate]) -> torch.Tensor:
+    """Compute every gate's rotation in one batched matrix_exp and hand it to the hooks; returns all R [Σk, 8, 8].
+
+    The trainer calls this once per forward: one exponential for all layers instead of one per layer (and per
+    gradient-checkpoint recompute, which reuses these tensors). A hook ignores the cache once the optimizer has
+    changed A (the version counter moves), so a stale rotation is never applied.
+    """
+    if not gates:
+        return torch.zeros(0, BLOCK, BLOCK)
+    As = [g.A for g in gates.values()]
+    R = rotations(torch.cat(As)) if len({a.device for a in As}) == 1 else torch.cat(
+        [rotations(a) for a in As])
+    start = 0
+    for g in gates.values():
+        k = g.A.shape[0]
+        g._so8t_R, g._so8t_R_version = R[start:start + k], g.A._version  # type: ignore[attr-defined]
+        start += k
+    return R
+
+
+def clear_rotations(gates: dict[int, SO8Gate]) -> None:
+    for g in gates.values():
+        g._so8t_R = None  # type: ignore[attr-defined]
 
 
 def detach_gates(model: nn.Module) -> None:
@@ -115,7 +143,12 @@ def gate_tensors(gates: dict[int, SO8Gate]) -> dict[int, torch.Tensor]:
     return {i: g.A.detach().float().cpu() for i, g in gates.items()}
 
 
-def orthogonality(gates: dict[int, SO8Gate]) -> torch.Tensor:
-    """The regulariser: mean over gated layers of mean ‖RᵀR − I‖² (a graph-carrying scalar)."""
-    terms = [orthogonality_error(g.rotation()) for g in gates.values()]
-    return torch.stack(terms).mean()
+def orthogonality(gates: dict[int, SO8Gate], R: torch.Tensor | None = None) -> torch.Tensor:
+    """The regulariser: mean over gated layers of mean ‖RᵀR − I‖² (a graph-carrying scalar).
+
+    `R`: the rotations from precompute_rotations (all layers have the same block count, so the mean over
+    every block equals the mean over layers of the per-layer means).
+    """
+    if R is not None:
+        return orthogonality_error(R)
+    return torch.stack([orthogonality_error(g.rotation()) for g in gates.values()]).mean()

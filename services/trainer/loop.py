@@ -27,7 +27,7 @@ import torch
 from services.trainer import artifact, checkpoint, data, model as mdl
 from services.trainer.config import TrainConfig
 from services.trainer.distributed import Dist, fingerprint
-from services.trainer.gates import attach_gates, gate_tensors
+from services.trainer.gates import attach_gates, clear_rotations, gate_tensors
 from services.trainer.objective import Objective
 from shared import atomic, logs, manifest
 from shared.config import ConfigError
@@ -311,6 +311,7 @@ class Run:
     # --- the final artifact ----------------------------------------------------------------------------------
 
     def write_final(self, last: dict[str, Any]) -> dict[str, Any]:
+        clear_rotations(self.gates)
         in_sync = None
         if self.dist.active:
             prints = self.dist.gather(fingerprint(self.trainable))

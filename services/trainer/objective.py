@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.trainer.data import IGNORE
-from services.trainer.gates import orthogonality
+from services.trainer.gates import orthogonality, precompute_rotations
 from shared.pet import pet_loss
 
 
@@ -24,6 +24,7 @@ class Objective(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
         """Returns (sum of token cross-entropies, PET penalty, orthogonality, correct greedy predictions)."""
         causal = self.model.get_base_model()
+        R = precompute_rotations(self._gates) if self._gates else None
         hidden = causal.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         picked = targets != IGNORE
@@ -33,5 +34,5 @@ class Objective(nn.Module):
         correct = (logits.detach().argmax(-1) == wanted).sum()
         zero = hidden.new_zeros((), dtype=torch.float32)
         pet = pet_loss(hidden, attention_mask, self.huber_delta) if self.pet_enabled else zero
-        ortho = orthogonality(self._gates) if self._gates else zero
+        ortho = orthogonality(self._gates, R) if self._gates else zero
         return lm_sum, pet, ortho, correct
