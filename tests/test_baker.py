@@ -356,6 +356,7 @@ def test_real_phi35_tokenizer_is_carried_over(real_tokenizer_dir, trained_dir, t
 
 
 def test_entry_points_help():
-    for argv in (["so8t", "bake", "--help"], [sys.executable, "-m", "services.baker", "--help"]):
+    so8t = Path(sys.executable).parent / "so8t"  # the console script next to this interpreter, venv on PATH or not
+    for argv in ([str(so8t), "bake", "--help"], [sys.executable, "-m", "services.baker", "--help"]):
         out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout
         assert "--trained" in out and "--dtype" in out and "--base" in out

@@ -25,7 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--types", nargs="+", choices=TYPES, default=list(TYPES), metavar="TYPE",
                    help="any of F16 Q8_0 Q4_K_M (default: all; quantisations are made from the F16)")
     p.add_argument("--max-abs", action="append", type=_threshold, default=[], metavar="TYPE=VALUE",
-                   help="bound on max |logit diff| vs HF float32 (defaults F16=5e-3 Q8_0=0.1 Q4_K_M=0.6); repeatable")
+                   help="floor of the bound on max |logit diff| vs HF float32 (defaults F16=5e-3 Q8_0=0.1 "
+                        "Q4_K_M=0.6); repeatable")
+    p.add_argument("--rel-max-abs", action="append", type=_threshold, default=[], metavar="TYPE=VALUE",
+                   help="the bound is max(floor, VALUE x largest |HF logit|) (defaults F16=2e-3 Q8_0=0.03 "
+                        "Q4_K_M=0.3); repeatable")
     p.add_argument("--max-kl", action="append", type=_threshold, default=[], metavar="TYPE=VALUE",
                    help="bound on the mean KL(HF || GGUF) (defaults F16=1e-3 Q8_0=1e-2 Q4_K_M=0.1); repeatable")
     p.add_argument("--strict-tokens", action="store_true",
@@ -44,6 +48,7 @@ def options(args: argparse.Namespace):
     for qtype in TYPES:
         t = DEFAULT_THRESHOLDS[qtype].model_dump()
         t["max_abs"] = dict(args.max_abs).get(qtype, t["max_abs"])
+        t["rel_max_abs"] = dict(args.rel_max_abs).get(qtype, t["rel_max_abs"])
         t["kl"] = dict(args.max_kl).get(qtype, t["kl"])
         thresholds[qtype] = t
     return validate(ConvertOptions, {"types": args.types, "thresholds": thresholds, "n_ctx": args.n_ctx,

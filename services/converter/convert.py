@@ -110,6 +110,8 @@ def check_file(path: Path, qtype: str, ref: reference.Reference, expected: heade
         report["tokens"] = token_report(ref, ids["check"], ids["prompt"])
         got = llama.logits(llm, ref.text_ids)  # HF's ids on both sides: the logits compare the models alone
         report["logits"] = compare.compare(ref.logits, got)
+        if report["logits"]["finite"]:
+            report["max_abs_bound"] = opts.threshold(qtype).max_abs_bound(report["logits"]["reference_max_abs"])
         reasons = compare.failures(report["logits"], opts.threshold(qtype))
         if not report["tokens"]["match"]:
             msg = (f"tokenisation differs from HF at position {report['tokens']['first_difference']} "

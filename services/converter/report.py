@@ -9,14 +9,15 @@ def _pct(x: float | None) -> str:
 
 
 def table(m: dict[str, Any]) -> str:
-    cols = f"{'type':<7} {'size MiB':>9} {'sha256':>12} {'max|Δ|':>9} {'mean|Δ|':>9} {'top-1':>7} {'top-5':>7} " \
-           f"{'KL':>9} {'decisive':>9} {'tokens':>7} {'seconds':>8}"
+    cols = f"{'type':<7} {'size MiB':>9} {'sha256':>12} {'max|Δ|':>9} {'bound':>8} {'mean|Δ|':>9} {'top-1':>7} " \
+           f"{'top-5':>7} {'KL':>9} {'decisive':>9} {'tokens':>7} {'seconds':>8}"
     lines = [cols]
     for qtype, rep in m["metrics"]["types"].items():
         o, lg = m["outputs"][qtype], rep["logits"]
         dec = f"{lg['decisive_positions']}:{_pct(lg['top1_decisive'])}" if lg["decisive_positions"] else "0"
         lines.append(
-            f"{qtype:<7} {o['bytes'] / 2**20:>9.2f} {o['sha256'][:12]:>12} {lg['max_abs']:>9.3g} {lg['mean_abs']:>9.3g} "
+            f"{qtype:<7} {o['bytes'] / 2**20:>9.2f} {o['sha256'][:12]:>12} {lg['max_abs']:>9.3g} "
+            f"{rep['max_abs_bound']:>8.3g} {lg['mean_abs']:>9.3g} "
             f"{_pct(lg['top1']):>7} {_pct(lg['top5']):>7} {lg['kl_mean']:>9.3g} {dec:>9} "
             f"{'same' if rep['tokens']['match'] else 'DIFFER':>7} {rep['seconds']:>8.2f}")
     r = m["metrics"]["reference"]
