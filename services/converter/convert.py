@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ log = logs.get("convert")
 STAGE = "convert"
 CONVERTER_VERSION = 1
 GgufType = Literal["F16", "Q8_0", "Q4_K_M"]
+NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # the pipeline's convert.name pattern, no leading '.'
 
 
 class ConvertOptions(StrictModel):
@@ -181,7 +183,7 @@ def convert(model_dir: str | Path, output_dir: str | Path, name: str, options: C
     opts = options or ConvertOptions()
     for t in opts.types:
         gguf_name(name, t)  # validates the type
-    if not name or "/" in name or name.startswith("."):
+    if not NAME_RE.fullmatch(name):
         raise ConvertError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (it becomes the file name)")
     hf_to_gguf.check_model_dir(model_dir)
     hf_to_gguf.converter_script()

@@ -93,11 +93,9 @@ def plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
                                        "--name", cfg.convert.name, "--types", *cfg.convert.types), run.gguf))
     o = cfg.ollama
     if o.enabled == "always" or (o.enabled == "auto" and ollama_reachable()):
-        for qtype in cfg.convert.types:
-            tag = f"{o.model}:{qtype.lower()}"
-            stages.append(Stage(f"ollama-import-{qtype.lower()}", _py(
-                "services.ollama", "import", "--gguf", str(run.gguf_file(cfg.convert.name, qtype)), "--model", tag,
-                "--run-dir", str(run.ollama)), None))
+        ggufs = [str(run.gguf_file(cfg.convert.name, qtype)) for qtype in cfg.convert.types]
+        stages.append(Stage("ollama-import", _py("services.ollama", "import", "--gguf", *ggufs, "--model", o.model,
+                                                 "--run-dir", str(run.ollama), "--format", cfg.dataset.format), None))
         stages.append(Stage("ollama-smoke", _py("services.ollama", "smoke", "--model",
                                                 f"{o.model}:{o.smoke_type.lower()}", "--output", str(run.ollama)), None))
     else:
