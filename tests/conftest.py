@@ -32,3 +32,19 @@ def real_tokenizer_dir() -> Path:
     if not (REAL_TOKENIZER / "tokenizer_config.json").is_file():
         pytest.skip(f"real Phi-3.5 tokenizer not present at {REAL_TOKENIZER}")
     return REAL_TOKENIZER
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny Phi-3 through the converter stage: tiny-F16.gguf, tiny-Q8_0.gguf, tiny-Q4_K_M.gguf + manifest.json,
+    every file checked (read-only for tests). Skipped when llama.cpp is not installed (scripts/install-llama-cpp.sh)."""
+    from services.converter import hf_to_gguf
+    from services.converter.convert import convert
+
+    try:
+        hf_to_gguf.converter_script()
+    except hf_to_gguf.ConvertError as err:
+        pytest.skip(str(err))
+    out = tmp_path_factory.mktemp("tiny_gguf")
+    convert(tiny_model_dir, out, "tiny")
+    return out
