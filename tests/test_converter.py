@@ -1,6 +1,6 @@
 """The converter stage on the tiny Phi-3: real llama.cpp conversion, quantisation and checks.
 
-One conversion of the random-weight tiny model (module fixture) is read by most tests; a copy of its output
+One conversion of the random-weight tiny model (conftest's tiny_gguf_dir) is read by most tests; a copy of its output
 directory is the starting point of the failure and re-run tests, so the fixture's own files stay as made.
 Top-1 agreement is asserted on a second model, the tiny one trained until its first choice is clear (a random
 model has near-flat logits, where any rounding flips the argmax); that one is converted through the CLI into a
@@ -120,10 +120,14 @@ def train_tiny(src: Path, dst: Path, steps: int = 30, lr: float = 3e-3) -> Path:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, tiny_model_dir):
-    """The tiny Phi-3 converted to all three types (read-only for tests: copy the directory before changing it)."""
+def converted(request, tiny_model_dir):
+    """The tiny Phi-3 converted to all three types: conftest's tiny_gguf_dir (one conversion per session, with the
+    default options), as convert() returns it on the up-to-date directory. Read-only: copy it before changing it."""
     _needs_llama_cpp()
-    return convert(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "out", NAME, _opts())
+    out = request.getfixturevalue("tiny_gguf_dir")
+    res = convert(tiny_model_dir, out, NAME, _opts())
+    assert res.skipped, "tiny_gguf_dir is not what convert(tiny_model_dir, ..., 'tiny') makes with default options"
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +152,6 @@ def trained_cli(tmp_path_factory, tiny_model_dir, converted):
 
 
 def test_produces_exactly_the_three_files(converted):
-    assert not converted.skipped
     names = {f"{NAME}-{t}.gguf" for t in TYPES}
     assert {p.name for p in converted.output.iterdir()} == names | {"manifest.json"}  # no temp file left
     assert {t: p.name for t, p in converted.files.items()} == {t: f"{NAME}-{t}.gguf" for t in TYPES}
