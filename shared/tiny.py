@@ -77,6 +77,14 @@ def build_tokenizer(out: str | Path):
     if got != SPECIAL_TOKENS:
         raise RuntimeError(f"special token ids came out as {got}")
     tok.save_pretrained(out)  # writes tokenizer.json (the fast tokenizer, added tokens included)
+    # Phi-3.5's own tokenizer.json normalises every text piece between special tokens with Prepend("▁") + Replace
+    # (" " -> "▁") and has no pre-tokenizer, like llama.cpp's SentencePiece tokeniser; the conversion above gives a
+    # Metaspace pre-tokenizer that prepends "▁" to the first piece only, so the ids after a special token differed.
+    spec = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    spec["pre_tokenizer"] = None
+    atomic.write_text(out / "tokenizer.json", json.dumps(spec, ensure_ascii=False, indent=2))
     (out / "chat_template.jinja").unlink(missing_ok=True)
     # tokenizer_config.json in the shape Phi-3.5-mini-instruct ships (older loaders and llama.cpp read it)
     atomic.write_json(out / "tokenizer_config.json", {

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared import phi3
 from shared.manifest import MANIFEST
 from shared.so8 import BLOCK, GATES_FILE
 
-PHI3_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # The complete Phi-3.5 tokenizer, as Microsoft ships it; copied verbatim into the baked model.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
@@ -254,10 +254,10 @@ def _load_adapter(trained: Path, base: BaseModel) -> tuple[dict[str, LoraDelta],
         raise BakeInputError(f"{cfg_path}: adapter was made for {arch}, not Phi3ForCausalLM")
     targets = cfg.get("target_modules")
     names = [targets] if isinstance(targets, str) else list(targets or [])
-    foreign = [t for t in names if t not in PHI3_TARGETS]
+    foreign = [t for t in names if t not in phi3.LORA_TARGETS]
     if not names or foreign:
         raise BakeInputError(f"{cfg_path}: target_modules {names} are not Phi-3 modules (expected among "
-                             f"{', '.join(PHI3_TARGETS)}): an adapter for another architecture?")
+                             f"{', '.join(phi3.LORA_TARGETS)}): an adapter for another architecture?")
     for key, neutral in _UNSUPPORTED.items():
         if cfg.get(key, neutral) not in (neutral, None, {}, [], False):
             raise BakeInputError(f"{cfg_path}: {key}={cfg[key]!r} is not supported by the baker")
@@ -271,7 +271,7 @@ def _load_adapter(trained: Path, base: BaseModel) -> tuple[dict[str, LoraDelta],
         target = f"{module}.weight"
         if "A" not in ab or "B" not in ab:
             raise BakeInputError(f"{w_path}: {module} has lora_{'A' if 'A' not in ab else 'B'} missing")
-        if module.rsplit(".", 1)[-1] not in PHI3_TARGETS or target not in base.shapes:
+        if module.rsplit(".", 1)[-1] not in phi3.LORA_TARGETS or target not in base.shapes:
             raise BakeInputError(f"{w_path}: LoRA on {module}, which the base model ({base.path}) does not have: "
                                  "an adapter for another architecture?")
         A, B = ab["A"], ab["B"]

@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from shared import phi3
 from shared.config import StrictModel
 
-PHI3_LINEAR_NAMES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 DEFAULT_BASE = "AXCXEPT/Borea-Phi-3.5-mini-Instruct-Jp"
 
 
@@ -28,15 +28,15 @@ class LoraSection(StrictModel):
     r: int = Field(64, gt=0)
     alpha: float = Field(128, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: list(PHI3_LINEAR_NAMES), min_length=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(phi3.LORA_TARGETS), min_length=1)
 
     @field_validator("target_modules")
     @classmethod
     def _known(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in PHI3_LINEAR_NAMES]
+        unknown = [n for n in names if n not in phi3.LORA_TARGETS]
         if unknown:
             raise ValueError(f"unknown LoRA target module(s) {unknown}: Phi-3's linear layers are "
-                             f"{', '.join(PHI3_LINEAR_NAMES)} (it has no q/k/v/gate/up projections of its own)")
+                             f"{', '.join(phi3.LORA_TARGETS)} (it has no q/k/v/gate/up projections of its own)")
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate LoRA target modules in {names}")
         return names
