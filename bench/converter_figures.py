@@ -26,39 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.converter import reference  # noqa: E402
 from services.converter.compare import DECISIVE_MARGIN  # noqa: E402
 from services.converter.convert import ConvertOptions, convert  # noqa: E402
-from shared.tiny import build_tiny_model  # noqa: E402
+from shared.tiny import build_tiny_model, teach  # noqa: E402
 
 
-def train_tiny(src: Path, dst: Path, steps: int = 30, lr: float = 3e-3) -> Path:
-    """The tiny Phi-3 at `src` trained on reference.check_text(), saved to `dst` with its tokenizer files
-    (the same as tests/test_converter.py's train_tiny)."""
-    import torch
-    from transformers import AutoTokenizer, Phi3ForCausalLM
+def train_tiny(src: Path, dst: Path, steps: int = 30) -> Path:
+    """The tiny Phi-3 at `src` trained on reference.check_text() (as tests/test_converter.py does)."""
+    from transformers import AutoTokenizer
 
-    torch.manual_seed(0)
-    ids = reference.hf_ids(AutoTokenizer.from_pretrained(src), reference.check_text())
-    model = Phi3ForCausalLM.from_pretrained(src, dtype=torch.float32)
-    model.model.embed_tokens.weight.requires_grad_(False)
-    model.lm_head.weight.requires_grad_(False)
-    used = sorted(set(ids))
-    head = torch.nn.Parameter(model.lm_head.weight[used].clone())
-    target = torch.tensor([used.index(t) for t in ids[1:]])
-    inputs = torch.tensor([ids[:-1]])
-    params = [p for p in model.model.parameters() if p.requires_grad] + [head]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model.model(input_ids=inputs).last_hidden_state[0] @ head.T, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        model.lm_head.weight[used] = head
-    model.eval().save_pretrained(dst)
-    for f in Path(src).iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
-            shutil.copy(f, dst / f.name)
-    return dst
+    return teach(src, dst, reference.hf_ids(AutoTokenizer.from_pretrained(src), reference.check_text()), steps=steps)
 
 
 def _pct(x: float | None) -> str:

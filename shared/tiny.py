@@ -141,3 +141,46 @@ def build_tiny_model(out: str | Path, seed: int = 0, **sizes) -> Path:
 
 def config_dict(path: str | Path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
+
+
+def teach(src: str | Path, dst: str | Path, ids: list[int], start: int = 1, steps: int = 30, lr: float = 3e-3,
+          stop_loss: float = 0.0) -> Path:
+    """Save to `dst` the tiny model at `src` trained to continue ids[:start] with ids[start:] (greedily).
+
+    For tests and benches that need a model with clear first choices, or one that writes a known reply: AdamW on
+    that one sequence, over the decoder layers and the output rows of the tokens in `ids` (embeddings and every other
+    row frozen), `steps` steps or until the loss is below `stop_loss`; a few seconds on 2 cores. The tokenizer and
+    generation config are copied from `src`.
+    """
+    import shutil
+
+    import torch
+    from transformers import Phi3ForCausalLM
+
+    src, dst = Path(src), Path(dst)
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(False)
+    used = sorted(set(ids))  # a softmax over the rows of these tokens only
+    head = torch.nn.Parameter(model.lm_head.weight[used].clone())
+    target = torch.tensor([used.index(t) for t in ids[start:]])
+    inputs = torch.tensor([ids[:-1]])
+    params = [p for p in model.model.parameters() if p.requires_grad] + [head]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # 5e-3 oscillates; 3e-3 converges
+    model.train()
+    for _ in range(steps):
+        hidden = model.model(input_ids=inputs).last_hidden_state[0, start - 1:]
+        loss = torch.nn.functional.cross_entropy(hidden @ head.T, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < stop_loss:
+            break
+    with torch.no_grad():
+        model.lm_head.weight[used] = head
+    model.eval().save_pretrained(dst)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, dst / f.name)
+    return dst

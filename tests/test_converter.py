@@ -26,6 +26,7 @@ from services.converter.convert import (STAGE, CheckFailed, ConvertError, Conver
 from services.converter.report import table
 from shared import manifest
 from shared.think_format import PHI35_CHAT_TEMPLATE
+from shared.tiny import teach
 
 pytestmark = pytest.mark.slow
 
@@ -78,41 +79,12 @@ def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env=dict(os.environ, SO8T_PROGRESS="0"))
 
 
-def train_tiny(src: Path, dst: Path, steps: int = 30, lr: float = 3e-3) -> Path:
-    """The tiny Phi-3 at `src` trained on the converter's own check conversation, saved to `dst` with its tokenizer.
+def train_tiny(src: Path, dst: Path) -> Path:
+    """The tiny Phi-3 trained 30 steps on the converter's own check conversation: HF's first choice then leads the
+    second by > 1 nat at nearly every position (largest |logit| ~12)."""
+    from transformers import AutoTokenizer
 
-    The decoder layers and the output rows of the conversation's tokens (embeddings and the other rows frozen,
-    as tests/test_think_api_llamacpp.py does): 30 AdamW steps, a few seconds on two cores, leave HF's first choice
-    ahead of the second by > 1 nat at nearly every position, largest |logit| ~12. bench/converter_figures.py has
-    the same helper.
-    """
-    import torch
-    from transformers import AutoTokenizer, Phi3ForCausalLM
-
-    torch.manual_seed(0)
-    ids = reference.hf_ids(AutoTokenizer.from_pretrained(src), reference.check_text())
-    model = Phi3ForCausalLM.from_pretrained(src, dtype=torch.float32)
-    model.model.embed_tokens.weight.requires_grad_(False)
-    model.lm_head.weight.requires_grad_(False)
-    used = sorted(set(ids))
-    head = torch.nn.Parameter(model.lm_head.weight[used].clone())
-    target = torch.tensor([used.index(t) for t in ids[1:]])
-    inputs = torch.tensor([ids[:-1]])
-    params = [p for p in model.model.parameters() if p.requires_grad] + [head]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model.model(input_ids=inputs).last_hidden_state[0] @ head.T, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        model.lm_head.weight[used] = head
-    model.eval().save_pretrained(dst)
-    for f in Path(src).iterdir():  # tokenizer and generation config, unchanged
-        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
-            shutil.copy(f, dst / f.name)
-    return dst
+    return teach(src, dst, reference.hf_ids(AutoTokenizer.from_pretrained(src), reference.check_text()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -513,4 +485,4 @@ def test_cli_end_to_end_prints_the_table(trained_cli):
     assert proc.stdout.rstrip().endswith(f"written to {out}")
     assert not any(p.name.endswith(".tmp") for p in out.iterdir())  # the stale temp was cleared
     again = _cli("--model", str(out.parent / "model"), "--output-dir", str(out), "--name", NAME, timeout=120)
-    assert again.returncode == 0 and "up to date" in again.stdout and f"\nQ4_K_M " in again.stdout
+    assert again.returncode == 0 and "up to date" in again.stdout and "\nQ4_K_M " in again.stdout

@@ -9,7 +9,6 @@ through llama.cpp -> parser -> gate -> audit here, and through the `so8t serve` 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from services.think_api.app import build_prompt, create_app, serve_background
 from services.think_api.audit import AuditLog, rows, verify
 from services.think_api.backends import GenRequest, LlamaCppBackend
 from shared.think_format import STOP_TOKENS, Thinking, parse, render_assistant, verdict_line
+from shared.tiny import teach
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +43,7 @@ def _convert(model_dir: Path, out: Path, *extra: str) -> Path:
 @pytest.fixture(scope="session")
 def think_gguf(tmp_path_factory, tiny_model_dir) -> Path:
     """The tiny Phi-3 trained a little to answer TRAINED_PROMPT in the simple /think format, as GGUF F16."""
-    import torch
     from llama_cpp import Llama
-    from transformers import Phi3ForCausalLM
 
     if not (LLAMA_CPP / "convert_hf_to_gguf.py").is_file():
         pytest.skip(f"llama.cpp converter not installed at {LLAMA_CPP} (scripts/install-llama-cpp.sh)")
@@ -59,32 +57,8 @@ def think_gguf(tmp_path_factory, tiny_model_dir) -> Path:
     assert ids[: len(p_ids)] == p_ids
     del vocab
 
-    torch.manual_seed(0)
-    model = Phi3ForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model.model.embed_tokens.weight.requires_grad_(False)
-    model.lm_head.weight.requires_grad_(False)
-    used = sorted(set(ids))  # train only the output rows of the tokens in the reply: a softmax over those
-    head = torch.nn.Parameter(model.lm_head.weight[used].clone())
-    target = torch.tensor([used.index(t) for t in ids[len(p_ids):]])
-    inputs = torch.tensor([ids[:-1]])
-    params = [p for p in model.model.parameters() if p.requires_grad] + [head]
-    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)  # 5e-3 oscillates; 3e-3 converges in ~60 steps
-    model.train()
-    for _ in range(300):
-        hidden = model.model(input_ids=inputs).last_hidden_state[0, len(p_ids) - 1:]
-        loss = torch.nn.functional.cross_entropy(hidden @ head.T, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 1e-3:
-            break
-    with torch.no_grad():
-        model.lm_head.weight[used] = head
-    trained = work / "trained"
-    model.save_pretrained(trained)
-    for f in tiny_model_dir.iterdir():  # tokenizer and generation config, unchanged
-        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
-            shutil.copy(f, trained / f.name)
+    # 300 steps at most; ~60 reach the loss bound
+    trained = teach(tiny_model_dir, work / "trained", ids, start=len(p_ids), steps=300, stop_loss=1e-3)
     return _convert(trained, work / "so8t-tiny-think-F16.gguf")
 
 
