@@ -28,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="floor of the bound on max |logit diff| vs HF float32 (defaults F16=5e-3 Q8_0=0.1 "
                         "Q4_K_M=0.6); repeatable")
     p.add_argument("--rel-max-abs", action="append", type=_threshold, default=[], metavar="TYPE=VALUE",
-                   help="the bound is max(floor, VALUE x largest |HF logit|) (defaults F16=2e-3 Q8_0=0.03 "
-                        "Q4_K_M=0.3); repeatable")
+                   help="the bound is max(floor, VALUE x largest |HF logit|) (defaults F16=5e-3 Q8_0=0.05 "
+                        "Q4_K_M=0.4); repeatable")
     p.add_argument("--max-kl", action="append", type=_threshold, default=[], metavar="TYPE=VALUE",
                    help="bound on the mean KL(HF || GGUF) (defaults F16=1e-3 Q8_0=1e-2 Q4_K_M=0.1); repeatable")
     p.add_argument("--strict-tokens", action="store_true",

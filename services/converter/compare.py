@@ -9,6 +9,7 @@ Measured on the tiny Phi-3 (llama-cpp-python 0.3.36), max |diff| and its ratio t
     random weights                  1.56              1.4e-3 (9e-4)    0.033 (0.021)   0.33 (0.21)
     trained 60 steps, all weights   18.0              9.3e-3 (5e-4)    0.125 (0.007)   1.12 (0.063)
     lm_head trained (test fixture)  32.3              1.1e-2 (3e-4)    0.35 (0.011)    3.08 (0.095)
+    taught one reply, then SFT      10.4              2.4e-2 (2.3e-3)  0.22 (0.021)    1.83 (0.18)
 
 so the issue's absolute figures alone would fail every trained model. A broken file (a corrupted tensor, wrong
 rope) differs by the size of the logits themselves, and its KL is of order 1.
@@ -43,12 +44,12 @@ class Thresholds(StrictModel):
         return max(self.max_abs, self.rel_max_abs * reference_max)
 
 
-# About 3-6x the ratios measured above; KL bounds far above the tiny model's (3e-8 / 2e-5 / 3e-2 at most) and
+# About 2x the largest ratios measured above (F16's mean |diff| stays ~1e-4 and its KL ~1e-7 throughout); KL bounds far above the tiny model's (3e-8 / 2e-5 / 3e-2 at most) and
 # far below a broken file's.
 DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
-    "F16": Thresholds(max_abs=5e-3, rel_max_abs=2e-3, kl=1e-3, top1_decisive=1.0),
-    "Q8_0": Thresholds(max_abs=0.1, rel_max_abs=0.03, kl=1e-2, top1_decisive=1.0),
-    "Q4_K_M": Thresholds(max_abs=0.6, rel_max_abs=0.3, kl=0.1, top1_decisive=0.95),
+    "F16": Thresholds(max_abs=5e-3, rel_max_abs=5e-3, kl=1e-3, top1_decisive=1.0),
+    "Q8_0": Thresholds(max_abs=0.1, rel_max_abs=0.05, kl=1e-2, top1_decisive=1.0),
+    "Q4_K_M": Thresholds(max_abs=0.6, rel_max_abs=0.4, kl=0.1, top1_decisive=0.95),
 }
 
 
