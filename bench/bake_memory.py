@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from services.baker.weights import SafetensorsStream, TensorPlan, shard_names  # noqa: E402
+from services.baker.weights import SafetensorsStream, TensorPlan, cut_into_shards, shard_names  # noqa: E402
 from shared import atomic, manifest, so8  # noqa: E402
 from shared.tiny import build_tokenizer, tiny_config  # noqa: E402
 
@@ -56,13 +56,7 @@ def write_base(out: Path, preset: str, shard_bytes: int = 5 * 2**30) -> float:
     out.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
     plans = [TensorPlan(n, out, s, torch.bfloat16) for n, s in base_tensors(cfg)]
-    shards, size = [[]], 0
-    for p in plans:
-        if shards[-1] and size + p.nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(p)
-        size += p.nbytes
+    shards = cut_into_shards(plans, shard_bytes)
     names = shard_names(len(shards))
     for plan, fname in zip(shards, names):
         stream = SafetensorsStream(out / fname, plan)

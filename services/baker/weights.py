@@ -65,6 +65,11 @@ def plan_shards(inputs: BakeInputs, dtype: torch.dtype, max_shard_bytes: int) ->
     for name in sorted(inputs.base.shapes, key=_order):
         shape, st = inputs.base.shapes[name]
         plans.append(TensorPlan(name, inputs.base.weights[name], shape, dtype if st in _FLOAT_ST else _FROM_ST[st]))
+    return cut_into_shards(plans, max_shard_bytes)
+
+
+def cut_into_shards(plans: list[TensorPlan], max_shard_bytes: int) -> list[list[TensorPlan]]:
+    """Consecutive tensors, a new shard whenever the next would pass the limit (a bigger tensor gets its own)."""
     shards: list[list[TensorPlan]] = [[]]
     size = 0
     for p in plans:
