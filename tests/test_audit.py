@@ -115,9 +115,11 @@ def test_deleting_or_inserting_a_row_fails_verify_there(served, tmp_path):
 def test_a_forged_row_needs_every_later_hash_rewritten(served, tmp_path):
     """Recomputing the edited row's own hash is not enough: the next row's link breaks."""
     db, _, _ = served
-    copy = _edited_copy(db, tmp_path / "forged.sqlite3", "UPDATE audit SET label = 'ALLOW', status = 'answered' "
-                                                          "WHERE seq = 7")
+    # Flip the label to one it is not (rows are in arrival order, so seq 7's label varies from run to run).
+    copy = _edited_copy(db, tmp_path / "forged.sqlite3", "UPDATE audit SET label = CASE WHEN label = 'ALLOW' "
+                                                          "THEN 'DENY' ELSE 'ALLOW' END WHERE seq = 7")
     r = rows(copy)[6]
+    assert r["label"] != rows(db)[6]["label"]
     conn = sqlite3.connect(copy)
     conn.execute("UPDATE audit SET row_hash = ? WHERE seq = 7", (row_hash(r["prev_hash"], r),))
     conn.commit()
