@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
-GGUF_TYPES = ("F16", "Q8_0", "Q4_K_M")
+GgufType = Literal["F16", "Q8_0", "Q4_K_M"]
+GGUF_TYPES: tuple[GgufType, ...] = get_args(GgufType)  # in conversion order: F16 first, quantised from it
 
 
 def data_dir() -> Path:

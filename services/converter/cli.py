@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-TYPES = ("F16", "Q8_0", "Q4_K_M")  # shared.layout.GGUF_TYPES, kept literal so --help imports nothing
+from shared.layout import GGUF_TYPES
 
 
 def _threshold(text: str) -> tuple[str, float]:
     qtype, sep, value = text.partition("=")
-    if not sep or qtype not in TYPES:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected TYPE=VALUE with TYPE one of {', '.join(TYPES)}")
+    if not sep or qtype not in GGUF_TYPES:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TYPE=VALUE with TYPE one of {', '.join(GGUF_TYPES)}")
     try:
         return qtype, float(value)
     except ValueError:
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", required=True, metavar="DIR",
                    help="where <name>-<TYPE>.gguf and manifest.json go (files renamed in only once checked)")
     p.add_argument("--name", required=True, help="file name stem: <name>-F16.gguf, <name>-Q8_0.gguf, <name>-Q4_K_M.gguf")
-    p.add_argument("--types", nargs="+", choices=TYPES, default=list(TYPES), metavar="TYPE",
+    p.add_argument("--types", nargs="+", choices=GGUF_TYPES, default=list(GGUF_TYPES), metavar="TYPE",
                    help="any of F16 Q8_0 Q4_K_M (default: all; quantisations are made from the F16)")
     p.add_argument("--max-abs", action="append", type=_threshold, default=[], metavar="TYPE=VALUE",
                    help="floor of the bound on max |logit diff| vs HF float32 (defaults F16=5e-3 Q8_0=0.1 "
@@ -45,7 +45,7 @@ def options(args: argparse.Namespace):
     from shared.config import validate
 
     thresholds = {}
-    for qtype in TYPES:
+    for qtype in GGUF_TYPES:
         t = DEFAULT_THRESHOLDS[qtype].model_dump()
         t["max_abs"] = dict(args.max_abs).get(qtype, t["max_abs"])
         t["rel_max_abs"] = dict(args.rel_max_abs).get(qtype, t["rel_max_abs"])

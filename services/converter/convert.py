@@ -26,12 +26,11 @@ from services.converter.compare import DEFAULT_THRESHOLDS, Thresholds
 from services.converter.hf_to_gguf import ConvertError
 from shared import atomic, logs, manifest
 from shared.config import StrictModel
-from shared.layout import GGUF_TYPES, gguf_name
+from shared.layout import GGUF_TYPES, GgufType, gguf_name
 
 log = logs.get("convert")
 STAGE = "convert"
 CONVERTER_VERSION = 1
-GgufType = Literal["F16", "Q8_0", "Q4_K_M"]
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # the pipeline's convert.name pattern, no leading '.'
 
 

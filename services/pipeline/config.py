@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import Field
 
 from shared.config import StrictModel
-from shared.layout import GGUF_TYPES
+from shared.layout import GGUF_TYPES, GgufType
 
 
 class DatasetStage(StrictModel):
@@ -31,17 +31,17 @@ class BakeStage(StrictModel):
 
 class ConvertStage(StrictModel):
     name: str = Field("so8t", pattern=r"^[A-Za-z0-9._-]+$")
-    types: list[Literal["F16", "Q8_0", "Q4_K_M"]] = Field(default_factory=lambda: list(GGUF_TYPES), min_length=1)
+    types: list[GgufType] = Field(default_factory=lambda: list(GGUF_TYPES), min_length=1)
 
 
 class OllamaStage(StrictModel):
     enabled: Literal["auto", "always", "never"] = "auto"  # auto: only when a server answers at OLLAMA_HOST
     model: str = Field("so8t-think", pattern=r"^[a-z0-9._/-]+$")
-    smoke_type: Literal["F16", "Q8_0", "Q4_K_M"] = "Q4_K_M"
+    smoke_type: GgufType = "Q4_K_M"
 
 
 class SmokeStage(StrictModel):
-    gguf_type: Literal["F16", "Q8_0", "Q4_K_M"] = "Q4_K_M"
+    gguf_type: GgufType = "Q4_K_M"
     prompt: str = "2+2はいくつですか？"
     max_tokens: int = Field(256, gt=0, le=4096)
 
