@@ -397,3 +397,15 @@ def test_think_api_ollama_backend_finds_the_server_through_ollama_host(standin, 
         r = client.post("/think", json={"prompt": "2+2は？"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"
     assert verify(tmp_path / "audit.sqlite3").rows == 2
+
+
+@pytest.mark.parametrize("form", [":{port}", "127.0.0.1:{port}", "http://127.0.0.1:{port}"])
+def test_pipeline_finds_ollama_where_the_client_does(standin, monkeypatch, form):
+    """`enabled: auto` probes the URL the official client resolves from OLLAMA_HOST (":port", no scheme, …)."""
+    from services.pipeline.run import ollama_server
+
+    port = standin.url.rsplit(":", 1)[1]
+    monkeypatch.setenv("OLLAMA_HOST", form.format(port=port))
+    assert ollama_server() == (f"http://127.0.0.1:{port}", True)
+    standin.stop()
+    assert ollama_server() == (f"http://127.0.0.1:{port}", False)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +22,7 @@ import httpx
 
 from services.pipeline.config import PipelineConfig
 from shared import atomic, logs, manifest
-from shared.layout import Layout, RunLayout
+from shared.layout import Layout, RunLayout, ollama_tag
 
 log = logs.get("pipeline")
 
@@ -33,7 +33,6 @@ class Stage:
     argv: list[str]
     output: Path | None  # directory whose manifest.json proves the stage ran
     progress: Callable[[], float | None] = lambda: None
-    env: dict[str, str] = field(default_factory=dict)
 
 
 class StageFailed(RuntimeError):
@@ -56,14 +55,18 @@ def _train_progress(train_dir: Path) -> Callable[[], float | None]:
     return read
 
 
-def ollama_reachable(host: str | None = None, timeout: float = 2.0) -> bool:
-    host = host or os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434")
-    if "://" not in host:
-        host = f"http://{host}"
+def ollama_server(timeout: float = 2.0) -> tuple[str, bool]:
+    """Where the official client finds Ollama ($OLLAMA_HOST, parsed as it parses it), and whether it answers."""
+    import ollama
+
+    from services.ollama import importer
+
+    c = importer.client(timeout=timeout)
     try:
-        return httpx.get(f"{host.rstrip('/')}/api/version", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
+        c.list()
+        return importer.host_of(c), True
+    except (ConnectionError, httpx.HTTPError, ollama.ResponseError):
+        return importer.host_of(c), False
 
 
 def plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
@@ -92,15 +95,16 @@ def plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
     stages.append(Stage("convert", _py("services.converter", "--model", str(run.baked), "--output-dir", str(run.gguf),
                                        "--name", cfg.convert.name, "--types", *cfg.convert.types), run.gguf))
     o = cfg.ollama
-    if o.enabled == "always" or (o.enabled == "auto" and ollama_reachable()):
+    host, answers = ollama_server() if o.enabled == "auto" else (None, o.enabled == "always")
+    if answers:
         ggufs = [str(run.gguf_file(cfg.convert.name, qtype)) for qtype in cfg.convert.types]
         stages.append(Stage("ollama-import", _py("services.ollama", "import", "--gguf", *ggufs, "--model", o.model,
                                                  "--run-dir", str(run.ollama), "--format", cfg.dataset.format), None))
         stages.append(Stage("ollama-smoke", _py("services.ollama", "smoke", "--model",
-                                                f"{o.model}:{o.smoke_type.lower()}", "--output", str(run.ollama)), None))
+                                                f"{o.model}:{ollama_tag(o.smoke_type)}", "--output", str(run.ollama)),
+                            None))
     else:
-        log.info("no Ollama server at %s: the Ollama import is skipped (ollama.enabled=%s)",
-                 os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434"), o.enabled)
+        log.info("the Ollama import is skipped: %s", f"no Ollama server at {host}" if host else "ollama.enabled=never")
     return stages
 
 
@@ -149,7 +153,7 @@ class Status:
 
 def _run_stage(stage: Stage, log_path: Path, status: Status) -> tuple[int, float]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **stage.env)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     t0 = time.time()
     with open(log_path, "a", encoding="utf-8") as lf:
         lf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(stage.argv)}\n")
