@@ -24,10 +24,14 @@ class StrictModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
-    def digest(self) -> str:
-        """Stable content hash of the config (used by manifests to decide whether a stage is up to date)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(blob.encode()).hexdigest()
+    def digest(self, exclude: Any = None) -> str:
+        """Stable content hash of the config, less the `exclude` fields (pydantic's include/exclude form)."""
+        return config_hash(self.model_dump(mode="json", exclude=exclude))
+
+
+def config_hash(config: Any) -> str:
+    """Stable content hash of JSON-able settings: manifests compare it to decide whether a stage is up to date."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def _key_lines(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:

@@ -21,10 +21,10 @@ import pytest
 
 from services.converter import header, hf_to_gguf, reference
 from services.converter.compare import DEFAULT_THRESHOLDS, Thresholds
-from services.converter.convert import (STAGE, CheckFailed, ConvertError, ConvertOptions, check_file, config_hash,
-                                        convert, stage_config)
+from services.converter.convert import STAGE, CheckFailed, ConvertError, ConvertOptions, check_file, convert, stage_config
 from services.converter.report import table
 from shared import manifest
+from shared.config import config_hash
 from shared.think_format import PHI35_CHAT_TEMPLATE
 from shared.tiny import teach
 

@@ -7,7 +7,6 @@ directory replaces the output as a whole. Any failure removes the staging direct
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import resource
@@ -25,7 +24,7 @@ from services.baker.inputs import BakeInputError, BakeInputs
 from services.baker.verify import PROMPTS, AttachGates, Thresholds, verify
 from services.baker.weights import DTYPES, Fold, tensor_names, write_weights
 from shared import atomic, logs, manifest
-from shared.config import StrictModel
+from shared.config import StrictModel, config_hash
 from shared.so8 import CONVENTION, fold_into_weight, rotation_stats
 
 log = logs.get("bake")
@@ -103,17 +102,16 @@ def check_names(out: Path) -> None:
 
 
 def _config_record(opts: BakeOptions, inp: BakeInputs) -> tuple[dict[str, Any], str]:
-    prompts = json.dumps(PROMPTS, ensure_ascii=False, sort_keys=True)
     config = {
         "baker_version": BAKER_VERSION,
         **opts.model_dump(),
         "base_model": inp.base.name,
         "base_overridden": inp.base_overridden,
         "verification_prompts": len(PROMPTS),
-        "verification_prompts_sha256": hashlib.sha256(prompts.encode()).hexdigest(),
+        "verification_prompts_sha256": config_hash(PROMPTS),
         "convention": CONVENTION,
     }
-    return config, hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return config, config_hash(config)
 
 
 def _check_base_hash(inp: BakeInputs, base_sha: str) -> None:

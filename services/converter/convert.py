@@ -9,8 +9,6 @@ A failure removes the temp files and leaves the previous outputs and manifest un
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import re
 import tempfile
@@ -25,7 +23,7 @@ from services.converter import compare, header, hf_to_gguf, llama, quantize, ref
 from services.converter.compare import DEFAULT_THRESHOLDS, Thresholds
 from services.converter.hf_to_gguf import ConvertError
 from shared import atomic, logs, manifest
-from shared.config import StrictModel
+from shared.config import StrictModel, config_hash
 from shared.layout import GGUF_TYPES, GgufType, gguf_name
 
 log = logs.get("convert")
@@ -81,10 +79,6 @@ def stage_config(name: str, opts: ConvertOptions) -> dict[str, Any]:
         "converter_version": CONVERTER_VERSION,
         "llama_cpp_python": hf_to_gguf.llama_cpp_version(),
     }
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def _outputs_intact(out: Path, m: dict[str, Any] | None) -> bool:

@@ -22,7 +22,7 @@ from services.dataset import quality
 from services.dataset.records import Reject, parse_line
 from services.dataset.thinking import derive, from_existing
 from shared import atomic, logs, manifest
-from shared.config import StrictModel
+from shared.config import StrictModel, config_hash
 from shared.think_format import render_assistant, render_chat, system_prompt
 
 log = logs.get("dataset")
@@ -109,8 +109,8 @@ def build(patterns: list[str], output: str | Path, opts: DatasetOptions, force: 
     files = expand_inputs(patterns)
     inputs = {str(p): manifest.describe_input(p) for p in files}
     config = opts.model_dump() | {"builder_version": BUILDER_VERSION}
-    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    if not force and manifest.is_up_to_date(output, "dataset", inputs, config_hash):
+    chash = config_hash(config)
+    if not force and manifest.is_up_to_date(output, "dataset", inputs, chash):
         log.info("dataset in %s is up to date with its %d input file(s): skipped", output, len(files))
         return Result(skipped=True, output=output, metrics=manifest.read(output)["metrics"])
 
@@ -204,5 +204,5 @@ def build(patterns: list[str], output: str | Path, opts: DatasetOptions, force: 
             },
         }
         outputs = {name: manifest.sha256_file(stage / name) for name in OUTPUTS}
-        manifest.write(stage, manifest.build("dataset", inputs, config, config_hash, started, metrics, outputs))
+        manifest.write(stage, manifest.build("dataset", inputs, config, chash, started, metrics, outputs))
     return Result(skipped=False, output=output, metrics=metrics, rejects=rejects)

@@ -7,8 +7,6 @@ starts both together), so connecting is retried with tenacity until `--wait` run
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from services.ollama import modelfile
 from shared import atomic, logs, manifest
+from shared.config import config_hash
 from shared.layout import GGUF_TYPES, ollama_tag
 from shared.think_format import Format
 
@@ -139,6 +138,5 @@ def record(run_dir: Path, done: list[Imported], fmt: Format, host: str, started:
                              "modelfile": imp.modelfile.name, "host": host,
                              "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     config = {"format": fmt, "template": modelfile.TEMPLATE, "parameters": modelfile.parameters()}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-    m = manifest.build("ollama", inputs, config, digest, started, {"models": len(models)}, {"models": models})
+    m = manifest.build("ollama", inputs, config, config_hash(config), started, {"models": len(models)}, {"models": models})
     return manifest.write(run_dir, m)

@@ -1,8 +1,6 @@
 """Training profile (configs/train/<profile>.yaml), validated at load: unknown keys and bad values name the key."""
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -142,6 +140,4 @@ class TrainConfig(StrictModel):
         Checkpoints from a run with another digest are not resumed; a final artifact with the same digest and
         dataset is up to date.
         """
-        d = self.model_dump(mode="json", exclude={"checkpoint": True, "logging": True, "train": {"num_threads"}})
-        blob = json.dumps(d, sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return self.digest(exclude={"checkpoint": True, "logging": True, "train": {"num_threads"}})
