@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def fsync_dir(path: str | Path) -> None:
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes the renames inside it durable)."""
     fd = os.open(str(path), os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -20,31 +21,43 @@ def fsync_dir(path: str | Path) -> None:
 
 def fsync_tree(root: str | Path) -> None:
     """fsync every file and directory under `root` (files first, then their directories)."""
-    root = Path(root)
-    for dirpath, _, files in os.walk(root, topdown=False):
+    for dirpath, _, files in os.walk(Path(root), topdown=False):
         for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(dirpath)
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(path: str | Path) -> Path:
+    """An empty temp file beside `path` (the `.name.*.tmp` pattern remove_stale_temps cleans up).
+
+    Its mode is a new file's (0666 less the umask), not mkstemp's 0600: the next stage may run as another user.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return Path(tmp)
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
     """Open a temp file beside `path`; on success fsync it and rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_file(path)
     try:
         with open(tmp, mode, encoding=None if "b" in mode else encoding, newline=None if "b" in mode else "\n") as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -90,6 +103,7 @@ def staging_dir(target: str | Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # a new directory's mode, not mkdtemp's 0700
     try:
         yield tmp
         replace_dir(tmp, target)
@@ -105,7 +119,7 @@ def replace_dir(src: Path, target: Path) -> None:
     if target.exists():
         os.replace(target, old)
     os.replace(src, target)
-    fsync_dir(target.parent)
+    fsync_path(target.parent)
     if old.exists():
         shutil.rmtree(old)
 

@@ -71,6 +71,22 @@ def test_staging_dir_swaps_whole_directories(tmp_path):
     assert (target / "a").read_text() == "1"
 
 
+def test_atomic_outputs_get_a_new_files_mode_not_the_temp_files_private_one(tmp_path):
+    """mkstemp/mkdtemp make 0600/0700; an artifact the next stage reads (maybe as another user) must not be."""
+    old = os.umask(0o022)
+    try:
+        atomic.write_text(tmp_path / "m.json", "{}")
+        with atomic.staging_dir(tmp_path / "run") as d:
+            (d / "x").write_text("1")
+        temp = atomic.temp_file(tmp_path / "w.gguf")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o755
+    assert temp.stat().st_mode & 0o777 == 0o644 and temp.name.startswith(".w.gguf.") and temp.suffix == ".tmp"
+    assert atomic.remove_stale_temps(tmp_path) == [temp]
+
+
 def test_manifest_up_to_date_tracks_inputs_and_config(tmp_path):
     f = tmp_path / "in.txt"
     f.write_text("a")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,24 +149,6 @@ def token_report(ref: reference.Reference, llama_check: list[int], llama_prompt:
             "llama_ids_near": None if match else llama_check[max(0, first - 3): first + 5]}
 
 
-def _temp_path(out: Path, final: str) -> Path:
-    """An empty temp file beside `final` (remove_stale_temps' pattern), readable like any new file (umask)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{final}.", suffix=".tmp", dir=out)
-    os.close(fd)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it 0600; Ollama or the think API may read it as another user
-    return Path(tmp)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def convert(model_dir: str | Path, output_dir: str | Path, name: str, options: ConvertOptions | None = None,
             force: bool = False) -> Result:
     """Convert, quantise and check; see the module docstring. Raises ConvertError or CheckFailed."""
@@ -195,7 +176,7 @@ def convert(model_dir: str | Path, output_dir: str | Path, name: str, options: C
     log.info("HF reference: %s in float32", model_dir)
     ref = reference.compute(model_dir, opts.smoke_tokens, opts.threads)
     expected = header.Expected.from_model_dir(model_dir)
-    temps = {t: _temp_path(out, gguf_name(name, t)) for t in GGUF_TYPES if t == "F16" or t in opts.types}
+    temps = {t: atomic.temp_file(out / gguf_name(name, t)) for t in GGUF_TYPES if t == "F16" or t in opts.types}
     reports: dict[str, dict[str, Any]] = {}
     try:
         for qtype in logs.progress(list(temps), desc="convert", unit="file"):
@@ -217,7 +198,7 @@ def convert(model_dir: str | Path, output_dir: str | Path, name: str, options: C
                      rep["seconds"])
         outputs = {}
         for qtype in opts.types:
-            _fsync(temps[qtype])
+            atomic.fsync_path(temps[qtype])
             final = gguf_name(name, qtype)
             outputs[qtype] = {"file": final, "bytes": temps[qtype].stat().st_size,
                               "sha256": manifest.sha256_file(temps[qtype])}
@@ -231,7 +212,7 @@ def convert(model_dir: str | Path, output_dir: str | Path, name: str, options: C
             if qtype not in opts.types and stale.exists():
                 log.info("removing %s: not among --types, it would not match the new manifest", stale.name)
                 stale.unlink()
-        atomic.fsync_dir(out)
+        atomic.fsync_path(out)
     finally:
         for tmp in temps.values():
             with contextlib.suppress(FileNotFoundError):

@@ -103,7 +103,7 @@ def set_aside(path: Path) -> Path:
     if aside.exists():
         shutil.rmtree(aside)
     os.replace(path, aside)
-    atomic.fsync_dir(path.parent)
+    atomic.fsync_path(path.parent)
     return aside
 
 
