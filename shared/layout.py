@@ -17,6 +17,7 @@ from typing import Literal, get_args
 
 GgufType = Literal["F16", "Q8_0", "Q4_K_M"]
 GGUF_TYPES: tuple[GgufType, ...] = get_args(GgufType)  # in conversion order: F16 first, quantised from it
+TRAINING_SESSION = "training_session.json"  # the trainer's live step/total, read by the pipeline for progress
 
 
 def data_dir() -> Path:
@@ -44,14 +45,6 @@ class Layout:
         return cls(data_dir())
 
     @property
-    def input_dir(self) -> Path:
-        return self.root / "input" / "four_class"
-
-    @property
-    def hf_cache(self) -> Path:
-        return self.root / "hf_cache"
-
-    @property
     def audit_dir(self) -> Path:
         return self.root / "audit"
 
@@ -71,8 +64,8 @@ class RunLayout:
         return self.root / "train"
 
     @property
-    def checkpoints(self) -> Path:
-        return self.train / "checkpoints"
+    def training_session(self) -> Path:
+        return self.train / TRAINING_SESSION
 
     @property
     def final(self) -> Path:

@@ -33,8 +33,6 @@ FORMATS: tuple[Format, ...] = ("simple", "quadruple")
 
 THINK_HEADING = "# 思考ステップ"
 FINAL_HEADING = "# 最終回答"
-QUAD_PARTS = ("think-task", "think-safety", "think-policy")
-FINAL_TAG = "final"
 
 # The Jinja template of Phi-3.5-mini-instruct (what HF's apply_chat_template runs); render_chat is its twin.
 PHI35_CHAT_TEMPLATE = (

@@ -139,10 +139,6 @@ def build_tiny_model(out: str | Path, seed: int = 0, **sizes) -> Path:
     return out
 
 
-def config_dict(path: str | Path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())
-
-
 def teach(src: str | Path, dst: str | Path, ids: list[int], start: int = 1, steps: int = 30, lr: float = 3e-3,
           stop_loss: float = 0.0) -> Path:
     """Save to `dst` the tiny model at `src` trained to continue ids[:start] with ids[start:] (greedily).

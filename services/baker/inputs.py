@@ -72,11 +72,6 @@ class BakeInputs:
     lora: dict[str, LoraDelta]                  # base tensor name -> delta
     lora_config: dict[str, Any]
     gates: dict[int, Any]                       # layer index -> A [k, 8, 8] float32
-    gates_meta: dict[str, str]
-
-    @property
-    def gates_file(self) -> Path:
-        return self.trained / GATES_FILE
 
 
 def o_proj_key(layer: int) -> str:
@@ -103,9 +98,9 @@ def load(trained: str | Path, base_override: str | None = None) -> BakeInputs:
     name = base_override or manifest["base_model"]
     origin = "--base" if base_override else f"{trained / MANIFEST}: base_model"
     base = read_base(name, resolve_base(name, origin))
-    gates, meta = _load_gates(trained, manifest, base)
+    gates = _load_gates(trained, manifest, base)
     lora, lora_config = _load_adapter(trained, base)
-    return BakeInputs(trained, manifest, base, base_override is not None, lora, lora_config, gates, meta)
+    return BakeInputs(trained, manifest, base, base_override is not None, lora, lora_config, gates)
 
 
 def _train_manifest(trained: Path) -> dict[str, Any]:
@@ -215,7 +210,7 @@ def check_tokenizer(path: Path) -> None:
         raise BakeInputError(f"{path / 'tokenizer_config.json'}: no chat_template (and no chat_template.jinja)")
 
 
-def _load_gates(trained: Path, manifest: dict[str, Any], base: BaseModel) -> tuple[dict[int, Any], dict[str, str]]:
+def _load_gates(trained: Path, manifest: dict[str, Any], base: BaseModel) -> dict[int, Any]:
     from shared.so8 import load_gates
 
     path = trained / GATES_FILE
@@ -241,7 +236,7 @@ def _load_gates(trained: Path, manifest: dict[str, Any], base: BaseModel) -> tup
     if isinstance(listed, list) and sorted(listed) != sorted(gates):
         raise BakeInputError(f"{trained / MANIFEST}: gates.layer_indices {sorted(listed)} do not match the layers "
                              f"in {path} ({sorted(gates)})")
-    return gates, meta
+    return gates
 
 
 def _load_adapter(trained: Path, base: BaseModel) -> tuple[dict[str, LoraDelta], dict[str, Any]]:

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 DEFAULT_CTX = 512
 
 
-def open_model(gguf: str | Path, n_ctx: int = DEFAULT_CTX, threads: int | None = None, logits_all: bool = True,
-               vocab_only: bool = False) -> "Llama":
+def open_model(gguf: str | Path, n_ctx: int = DEFAULT_CTX, threads: int | None = None,
+               logits_all: bool = True) -> "Llama":
     """Load `gguf` on the CPU; with `logits_all` every evaluated position keeps its logits (llm.scores)."""
     from llama_cpp import Llama
 
@@ -28,7 +28,7 @@ def open_model(gguf: str | Path, n_ctx: int = DEFAULT_CTX, threads: int | None =
         raise FileNotFoundError(f"{path}: GGUF file not found")
     threads = threads or os.cpu_count() or 1
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
-                 logits_all=logits_all, vocab_only=vocab_only, seed=0, verbose=False)
+                 logits_all=logits_all, seed=0, verbose=False)
 
 
 def tokenize(llm: "Llama", text: str) -> list[int]:
@@ -47,15 +47,6 @@ def logits(llm: "Llama", ids: Sequence[int]) -> np.ndarray:
     llm.reset()
     llm.eval(list(ids))
     return np.array(llm.scores[: len(ids)], dtype=np.float32, copy=True)
-
-
-def load_logits(gguf: str | Path, ids: Sequence[int], n_ctx: int = DEFAULT_CTX, threads: int | None = None) -> np.ndarray:
-    """Open `gguf`, return its logits for `ids` (see `logits`), close it."""
-    llm = open_model(gguf, n_ctx=max(n_ctx, len(ids)), threads=threads)
-    try:
-        return logits(llm, ids)
-    finally:
-        llm.close()
 
 
 def greedy(llm: "Llama", prompt_ids: Sequence[int], max_new: int, stop_ids: Iterable[int] = ()) -> list[int]:

@@ -45,10 +45,10 @@ def _py(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def _train_progress(train_dir: Path) -> Callable[[], float | None]:
+def _train_progress(session: Path) -> Callable[[], float | None]:
     def read() -> float | None:
         try:
-            s = json.loads((train_dir / "training_session.json").read_text())
+            s = json.loads(session.read_text())
             return min(1.0, s["step"] / max(1, s["total_steps"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -89,7 +89,7 @@ def plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
         train_args += ["--max-steps", str(t.max_steps)]
     if t.seed is not None:
         train_args += ["--seed", str(t.seed)]
-    stages.append(Stage("train", _py("services.trainer", *train_args), run.final, _train_progress(run.train)))
+    stages.append(Stage("train", _py("services.trainer", *train_args), run.final, _train_progress(run.training_session)))
     stages.append(Stage("bake", _py("services.baker", "--trained", str(run.final), "--output", str(run.baked),
                                     "--dtype", cfg.bake.dtype), run.baked))
     stages.append(Stage("convert", _py("services.converter", "--model", str(run.baked), "--output-dir", str(run.gguf),

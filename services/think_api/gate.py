@@ -36,10 +36,6 @@ class Decision:
     reason: str | None = None  # why a reply was withheld (fixed texts from the parser, never model text)
     thinking_chars: int = 0
 
-    @property
-    def ok(self) -> bool:
-        return self.http_status == 200
-
 
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from shared import atomic, logs
+from shared.layout import TRAINING_SESSION
 from shared.manifest import sha256_file
 
 log = logs.get("trainer")
@@ -39,7 +40,7 @@ MARKER = "checkpoint.json"
 STATE_JSON = "trainer_state.json"
 STATE_PT = "training_state.pt"
 OPTIMIZER = "optimizer.pt"
-SESSION = "training_session.json"
+SESSION = TRAINING_SESSION
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -173,9 +174,3 @@ def write_session(out_dir: Path, session: dict[str, Any]) -> None:
     session = dict(session, updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     atomic.write_json(out_dir / SESSION, session)
 
-
-def read_session(out_dir: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((out_dir / SESSION).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
