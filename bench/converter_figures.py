@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.converter import reference  # noqa: E402
 from services.converter.compare import DECISIVE_MARGIN  # noqa: E402
 from services.converter.convert import ConvertOptions, convert  # noqa: E402
+from services.converter.report import pct  # noqa: E402
 from shared.tiny import build_tiny_model, teach  # noqa: E402
 
 
@@ -36,17 +37,13 @@ def train_tiny(src: Path, dst: Path, steps: int = 30) -> Path:
     return teach(src, dst, reference.hf_ids(AutoTokenizer.from_pretrained(src), reference.check_text()), steps=steps)
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def rows(label: str, m: dict) -> list[str]:
     out = []
     for qtype, rep in m["metrics"]["types"].items():
         lg, o = rep["logits"], m["outputs"][qtype]
-        dec = f"{lg['decisive_positions']}: {_pct(lg['top1_decisive'])}" if lg["decisive_positions"] else "0: n/a"
+        dec = f"{lg['decisive_positions']}: {pct(lg['top1_decisive'])}" if lg["decisive_positions"] else "0: n/a"
         out.append(f"| {label} | {qtype} | {o['bytes'] / 2**20:.2f} | {lg['max_abs']:.3g} | {rep['max_abs_bound']:.3g} "
-                   f"| {lg['mean_abs']:.3g} | {lg['kl_mean']:.3g} | {_pct(lg['top1'])} | {_pct(lg['top5'])} | {dec} "
+                   f"| {lg['mean_abs']:.3g} | {lg['kl_mean']:.3g} | {pct(lg['top1'])} | {pct(lg['top5'])} | {dec} "
                    f"| {rep['produce_seconds']:.2f} | {rep['check_seconds']:.2f} |")
     return out
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -68,12 +67,10 @@ def run_clients(clients: int, total: int, call) -> tuple[list[float], float]:
 def tiny_gguf(work: Path) -> Path:
     from shared.tiny import build_tiny_model
 
-    llama_cpp = Path(sys.prefix) / "share" / "so8t" / "llama.cpp"
-    model = build_tiny_model(work / "tiny")
+    from services.converter.hf_to_gguf import convert_f16
+
     out = work / "tiny-F16.gguf"
-    subprocess.run([sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(model), "--outtype", "f16",
-                    "--outfile", str(out)], check=True, capture_output=True,
-                   env=dict(os.environ, PYTHONPATH=str(llama_cpp / "gguf-py")))
+    convert_f16(build_tiny_model(work / "tiny"), out, "tiny")  # as the converter stage runs it
     return out
 
 

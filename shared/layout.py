@@ -17,6 +17,8 @@ from typing import Literal, get_args
 
 GgufType = Literal["F16", "Q8_0", "Q4_K_M"]
 GGUF_TYPES: tuple[GgufType, ...] = get_args(GgufType)  # in conversion order: F16 first, quantised from it
+# llama.cpp's `general.file_type` code of each (gguf.LlamaFileType: MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_Q4_K_M)
+GGUF_FILE_TYPES: dict[GgufType, int] = {"F16": 1, "Q8_0": 7, "Q4_K_M": 15}
 TRAINING_SESSION = "training_session.json"  # the trainer's live step/total, read by the pipeline for progress
 
 

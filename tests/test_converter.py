@@ -25,6 +25,7 @@ from services.converter.convert import STAGE, CheckFailed, ConvertError, Convert
 from services.converter.report import table
 from shared import manifest
 from shared.config import config_hash
+from shared.layout import GGUF_FILE_TYPES
 from shared.think_format import PHI35_CHAT_TEMPLATE
 from shared.tiny import teach
 
@@ -156,7 +157,7 @@ def test_headers(converted, tiny_model_dir):
     for t, path in converted.files.items():
         s = converted.manifest["metrics"]["types"][t]["header"]
         assert s["architecture"] == "phi3" and s["block_count"] == 2 and s["context_length"] == 131072
-        assert s["file_type"] == header.FILE_TYPES[t]
+        assert s["file_type"] == GGUF_FILE_TYPES[t]
         assert s["rope_original_context_length"] == 4096
         assert s["rope_attn_factor"] == pytest.approx(exp.longrope["attn_factor"], abs=1e-6)
         assert s["rope_factor_tensors"] == ["long", "short"] and s["chat_template"] and s["vocab"] == 32064

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.converter import hf_to_gguf
 from services.think_api import gate
 from services.think_api.app import build_prompt, create_app, serve_background
 from services.think_api.audit import AuditLog, rows, verify
@@ -30,12 +31,14 @@ TRAINED_PROMPT = "2+2はいくつですか？"
 THINKING = Thinking("依頼の内容: 2+2 を計算する。", f"安全性の評価: 問題なし。\n{verdict_line('ALLOW')}",
                     "適用する方針: そのまま答える。")
 FINAL = "2+2は4です。"
-LLAMA_CPP = Path(sys.prefix) / "share" / "so8t" / "llama.cpp"
+LLAMA_CPP = hf_to_gguf.llama_cpp_dir()
 
 
 def _convert(model_dir: Path, out: Path, *extra: str) -> Path:
+    """llama.cpp's converter without the converter stage's Phi-3 name: no rstrip after special tokens, so the
+    generated text carries no leading "▁" and can be compared to the reply verbatim."""
     env = dict(os.environ, PYTHONPATH=str(LLAMA_CPP / "gguf-py"))
-    subprocess.run([sys.executable, str(LLAMA_CPP / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f16",
+    subprocess.run([sys.executable, str(hf_to_gguf.converter_script()), str(model_dir), "--outtype", "f16",
                     "--outfile", str(out), *extra], check=True, env=env, capture_output=True, timeout=300)
     return out
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from services.converter.hf_to_gguf import PHI3_NAME_MARKERS
+from shared.layout import GGUF_FILE_TYPES
 
 ARCH = "phi3"
-FILE_TYPES = {"F16": 1, "Q8_0": 7, "Q4_K_M": 15}  # gguf.LlamaFileType (MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_Q4_K_M)
 FORBIDDEN = re.compile(r"lora|so8|gate|rotation", re.IGNORECASE)
 _BLOCK = ("attn_norm", "attn_output", "ffn_norm", "ffn_up", "ffn_down")
 _QKV_SPLIT = ("attn_q", "attn_k", "attn_v")
@@ -138,7 +138,7 @@ def check_header(h: Header, exp: Expected, qtype: str) -> list[str]:
     want("{arch}.feed_forward_length", exp.feed_forward_length)
     want("{arch}.attention.head_count", exp.head_count)
     want("{arch}.attention.head_count_kv", exp.head_count_kv)
-    want("general.file_type", FILE_TYPES[qtype])
+    want("general.file_type", GGUF_FILE_TYPES[qtype])
     name = str(h.fields.get("general.name", ""))
     if not any(m in name.lower() for m in PHI3_NAME_MARKERS):
         bad.append(f"general.name {name!r} lacks 'phi-3'/'phi3': llama.cpp would not strip after special tokens")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
@@ -14,11 +14,11 @@ def table(m: dict[str, Any]) -> str:
     lines = [cols]
     for qtype, rep in m["metrics"]["types"].items():
         o, lg = m["outputs"][qtype], rep["logits"]
-        dec = f"{lg['decisive_positions']}:{_pct(lg['top1_decisive'])}" if lg["decisive_positions"] else "0"
+        dec = f"{lg['decisive_positions']}:{pct(lg['top1_decisive'])}" if lg["decisive_positions"] else "0"
         lines.append(
             f"{qtype:<7} {o['bytes'] / 2**20:>9.2f} {o['sha256'][:12]:>12} {lg['max_abs']:>9.3g} "
             f"{rep['max_abs_bound']:>8.3g} {lg['mean_abs']:>9.3g} "
-            f"{_pct(lg['top1']):>7} {_pct(lg['top5']):>7} {lg['kl_mean']:>9.3g} {dec:>9} "
+            f"{pct(lg['top1']):>7} {pct(lg['top5']):>7} {lg['kl_mean']:>9.3g} {dec:>9} "
             f"{'same' if rep['tokens']['match'] else 'DIFFER':>7} {rep['seconds']:>8.2f}")
     r = m["metrics"]["reference"]
     lines.append(f"logits vs HF float32 on {r['positions']} positions of the check conversation; decisive: HF's first "

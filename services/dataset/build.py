@@ -14,7 +14,6 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 
@@ -23,7 +22,7 @@ from services.dataset.records import Reject, parse_line
 from services.dataset.thinking import derive, from_existing
 from shared import atomic, logs, manifest
 from shared.config import StrictModel, config_hash
-from shared.think_format import render_assistant, render_chat, system_prompt
+from shared.think_format import Format, render_assistant, render_chat, system_prompt
 
 log = logs.get("dataset")
 BUILDER_VERSION = 1
@@ -32,7 +31,7 @@ SHOWN_REJECTS = 100  # rejects kept for the console summary; all of them are in 
 
 
 class DatasetOptions(StrictModel):
-    format: Literal["simple", "quadruple"] = "simple"
+    format: Format = "simple"
     val_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     seed: int = 42
     min_quality: float | None = Field(None, ge=0.0, le=1.0)

@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from shared.think_format import FORMATS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", action="append", required=True, metavar="GLOB",
                    help="input JSONL file or glob (quote it); repeat for several")
     p.add_argument("--output", required=True, help="dataset directory (train.jsonl, val.jsonl, rejects.jsonl, manifest.json)")
-    p.add_argument("--format", choices=("simple", "quadruple"), default="simple",
+    p.add_argument("--format", choices=FORMATS, default="simple",
                    help="assistant format: '# 思考ステップ / # 最終回答' (simple) or the four tags (quadruple)")
     p.add_argument("--val-ratio", type=float, default=0.05, help="validation share per label (default 0.05)")
     p.add_argument("--seed", type=int, default=42, help="split seed (default 42)")

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-FORMATS = ("simple", "quadruple")
+from shared.think_format import FORMATS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

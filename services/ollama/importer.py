@@ -19,14 +19,13 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from services.ollama import modelfile
 from shared import atomic, logs, manifest
 from shared.config import config_hash
-from shared.layout import GGUF_TYPES, ollama_tag
+from shared.layout import GGUF_FILE_TYPES, GGUF_TYPES, ollama_tag
 from shared.think_format import Format
 
 log = logs.get("ollama")
 T = TypeVar("T")
 
-# llama.cpp's `general.file_type` of each GGUF type (gguf.LlamaFileType), for files not named by the converter.
-_FILE_TYPES = {1: "F16", 7: "Q8_0", 15: "Q4_K_M"}
+_QTYPE_OF_CODE = {code: qtype for qtype, code in GGUF_FILE_TYPES.items()}  # for files the converter did not name
 _TRANSIENT = (ConnectionError, httpx.TransportError)
 
 
@@ -55,10 +54,10 @@ def gguf_qtype(path: Path) -> str:
         code = int(field.parts[field.data[0]][0])
     except Exception as err:  # unreadable header: the caller gets a clear message
         raise ImportFailed(f"{path}: cannot tell its quantisation ({err}); give the tag in --model name:tag") from None
-    if code not in _FILE_TYPES:
+    if code not in _QTYPE_OF_CODE:
         raise ImportFailed(f"{path}: GGUF file_type {code} is not one of {', '.join(GGUF_TYPES)}; "
                            "give --model name:tag")
-    return _FILE_TYPES[code]
+    return _QTYPE_OF_CODE[code]
 
 
 def model_tag(model: str, qtype: str) -> str:

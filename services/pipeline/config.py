@@ -7,12 +7,13 @@ from pydantic import Field
 
 from shared.config import StrictModel
 from shared.layout import GGUF_TYPES, GgufType
+from shared.think_format import Format
 
 
 class DatasetStage(StrictModel):
     id: str = "example"
     inputs: list[str] = Field(default_factory=lambda: ["examples/four_class/*.jsonl"], min_length=1)
-    format: Literal["simple", "quadruple"] = "simple"
+    format: Format = "simple"
     val_ratio: float = Field(0.05, ge=0, lt=1)
     seed: int = 42
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from shared import atomic, logs, manifest
+from shared.layout import data_dir
 
 log = logs.get("stack")
 
@@ -195,4 +196,4 @@ def run_commands(commands: Sequence[Sequence[str]], forwarder: Forwarder | None 
 
 
 def stack_dir_from_env() -> Path:
-    return Path(os.environ.get("SO8T_STACK_DIR") or Path(os.environ.get("DATA_DIR", "data")) / "stack")
+    return Path(os.environ.get("SO8T_STACK_DIR") or data_dir() / "stack")

@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from shared.think_format import FORMATS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("ollama", "llamacpp"), required=True,
@@ -13,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Ollama model name:tag, or the GGUF file for llamacpp")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--format", choices=("simple", "quadruple"), default="simple",
+    p.add_argument("--format", choices=FORMATS, default="simple",
                    help="the /think format the model was trained on (its system prompt)")
     p.add_argument("--audit-db", type=Path, default=None,
                    help="audit database (default $DATA_DIR/audit/think_audit.sqlite3)")
