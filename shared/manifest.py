@@ -19,6 +19,11 @@ _CHUNK = 1 << 20
 _VERSIONED = ("so8t", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "llama_cpp_python", "gguf")
 
 
+def utc_stamp(t: float | None = None) -> str:
+    """`t` (default now) as the ISO-8601 UTC stamp every manifest and status file uses."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -93,8 +98,8 @@ def build(
         "config": config,
         "config_hash": config_hash,
         "versions": versions(),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
+        "started_at": utc_stamp(started),
+        "finished_at": utc_stamp(finished),
         "seconds": round(finished - started, 3),
         "metrics": metrics,
         "outputs": outputs or {},

@@ -7,7 +7,6 @@ starts both together), so connecting is retried with tenacity until `--wait` run
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -135,7 +134,7 @@ def record(run_dir: Path, done: list[Imported], fmt: Format, host: str, started:
                              "bytes": imp.gguf.stat().st_size}
         models[imp.model] = {"gguf": str(imp.gguf), "qtype": imp.qtype, "digest": imp.digest,
                              "modelfile": imp.modelfile.name, "host": host,
-                             "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                             "imported_at": manifest.utc_stamp()}
     config = {"format": fmt, "template": modelfile.TEMPLATE, "parameters": modelfile.parameters()}
     m = manifest.build("ollama", inputs, config, config_hash(config), started, {"models": len(models)}, {"models": models})
     return manifest.write(run_dir, m)

@@ -89,8 +89,8 @@ def write_marker(stack_dir: Path, name: str, pipeline_id: str, exit_code: int, c
         "pipeline_id": pipeline_id,
         "exit_code": exit_code,
         "state": "done" if exit_code == 0 else "failed",
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "started_at": manifest.utc_stamp(started),
+        "finished_at": manifest.utc_stamp(),
         "commands": [list(c) for c in commands],
     })
     return path

@@ -23,7 +23,6 @@ import random
 import re
 import shutil
 import signal
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +30,7 @@ import torch
 
 from shared import atomic, logs
 from shared.layout import TRAINING_SESSION
-from shared.manifest import sha256_file
+from shared.manifest import sha256_file, utc_stamp
 
 log = logs.get("trainer")
 
@@ -70,7 +69,7 @@ def write(root: Path, step: int, fill: Callable[[Path], None]) -> Path:
             if p.is_file():
                 files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         atomic.write_json(tmp / MARKER, {"format": FORMAT, "step": step, "files": files,
-                                         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                                         "written_at": utc_stamp()})
     return target
 
 
@@ -171,6 +170,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def write_session(out_dir: Path, session: dict[str, Any]) -> None:
-    session = dict(session, updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    session = dict(session, updated_at=utc_stamp())
     atomic.write_json(out_dir / SESSION, session)
 

@@ -254,7 +254,7 @@ class Run:
                    "epoch": round(self.order.epoch_of(position), 4), "resumed_from": resumed_from,
                    "last_checkpoint": resumed_from, "pid": os.getpid(), "world_size": self.dist.world,
                    "training_digest": self.digest, "dataset": self.inputs["dataset"], "base_model": self.base,
-                   "session_started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))}
+                   "session_started_at": manifest.utc_stamp(self.started)}
         if main:
             checkpoint.write_session(self.out, session)
         bar = logs.progress(total=self.total, desc="train", unit="step")
