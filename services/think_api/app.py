@@ -1,49 +1,45 @@
-"""The /think API (FastAPI): prompt in, final answer out, thinking never; every request audited.
+"""The think API (FastAPI): prompt in, final answer out, thinking never; every request audited.
 
-    POST /think  {"prompt": "...", "max_tokens": 512, "temperature": 0.7, "top_p": 0.9, "seed": 1}
-                 (the prototype's fields work too: "query", "max_new_tokens", "user_id")
-              -> {"answer", "safety_label", "escalated", "internal_reasoning_hash", "request_id", "status", ...}
-    GET /healthz -> {"status": "ok", "backend", "model"} (503 while the backend is not ready)
+    POST /think                {"prompt": "...", "max_tokens": 512, "temperature": 0.7, "top_p": 0.9, "seed": 1}
+                               (the prototype's fields work too: "query", "max_new_tokens", "user_id")
+                            -> {"answer", "safety_label", "escalated", "internal_reasoning_hash", "request_id", ...}
+    POST /v1/chat/completions  the OpenAI protocol, streamed or not (services/think_api/chat.py)
+    GET  /v1/models            the one model served
+    GET  /healthz           -> {"status": "ok", "backend", "model", "detail"} (503 while the backend or the audit
+                               log is not ready)
 
-Errors are JSON `{"error": {"code", "message"}, "request_id"}` with a status code, never a stack trace.
-When $SO8T_API_KEY is set, /think needs `Authorization: Bearer <key>` (or `X-API-Key: <key>`).
+Errors are JSON `{"error": {"code", "message"}, "request_id"}` with a status code, never a stack trace (/v1 adds
+the OpenAI fields `type` and `param`). When $SO8T_API_KEY is set, the model routes need `Authorization: Bearer
+<key>` (or `X-API-Key: <key>`).
 """
 from __future__ import annotations
 
 import contextlib
-import hmac
-import json
 import threading
 import time
-import uuid
-from typing import Any, Iterator
+from typing import Iterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.think_api import gate
+from services.think_api import chat, openapi
 from services.think_api.audit import AuditLog
-from services.think_api.backends import Backend, BackendError, GenRequest
+from services.think_api.chat_models import ChatCompletionChunk, ChatCompletionRequest
+from services.think_api.errors import ApiError, ErrorBody, error_response
+from services.think_api.generation import Backend
+from services.think_api.http_input import check_key, read_body, validate_json
+from services.think_api.prompts import build_prompt
+from services.think_api.replies import audited, generate_gated, new_row
+from services.think_api.serve_settings import ServeSettings, check_limits, sampling
 from shared import logs
-from shared.config import StrictModel
-from shared.think_format import Format, has_template_token, render_chat, system_prompt
 
 log = logs.get("think-api")
 API_KEY_ENV = "SO8T_API_KEY"
-
-
-class ServeSettings(StrictModel):
-    format: Format = "simple"  # the /think format the model was trained on (its system prompt)
-    max_request_bytes: int = Field(64 * 1024, gt=0)
-    max_prompt_chars: int = Field(8000, gt=0)
-    max_tokens_limit: int = Field(2048, gt=0)
-    default_max_tokens: int = Field(512, gt=0)
-    temperature: float = Field(0.7, ge=0, le=2)  # the prototype's sampling defaults
-    top_p: float = Field(0.9, gt=0, le=1)
-    api_key: str | None = None
+__all__ = ["API_KEY_ENV", "ApiError", "ServeSettings", "ThinkRequest", "ThinkResponse", "build_prompt",
+           "create_app", "serve_background"]
 
 
 class ThinkRequest(BaseModel):
@@ -85,142 +81,72 @@ class ThinkResponse(BaseModel):
     detail: str | None = None  # why a reply was withheld
 
 
-class ApiError(Exception):
-    def __init__(self, http_status: int, code: str, message: str, fields: list[dict] | None = None):
-        super().__init__(message)
-        self.http_status, self.code, self.message, self.fields = http_status, code, message, fields
+class Health(BaseModel):
+    status: str  # ok | unavailable
+    backend: str
+    model: str
+    detail: str
 
 
-def error_response(http_status: int, code: str, message: str, request_id: str | None = None,
-                   fields: list[dict] | None = None, headers: dict | None = None) -> JSONResponse:
-    err: dict[str, Any] = {"code": code, "message": message}
-    if fields:
-        err["fields"] = fields
-    return JSONResponse({"error": err, "request_id": request_id}, status_code=http_status, headers=headers)
-
-
-def build_prompt(user_text: str, fmt: Format) -> str:
-    return render_chat([{"role": "system", "content": system_prompt(fmt)}, {"role": "user", "content": user_text}],
-                       add_generation_prompt=True)
-
-
-def _check_key(request: Request, key: str | None) -> None:
-    if not key:
-        return
-    auth = request.headers.get("authorization", "")
-    given = auth[7:] if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-    if not hmac.compare_digest(given.encode(), key.encode()):
-        raise ApiError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer <key>)")
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise ApiError(400, "bad_request", "invalid Content-Length")
-        if int(declared) > limit:
-            raise ApiError(413, "request_too_large", f"request body over {limit} bytes")
-    body, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "request_too_large", f"request body over {limit} bytes")
-        body.append(chunk)
-    return b"".join(body)
-
-
-def _parse_request(raw: bytes, s: ServeSettings) -> ThinkRequest:
+def _health(backend: Backend, audit: AuditLog) -> tuple[bool, str]:
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "invalid_json", "the body must be a JSON object") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "invalid_json", "the body must be a JSON object")
+        ok, detail = backend.health()
+    except Exception as err:  # a health check never takes the server down
+        return False, f"the backend's health check failed ({type(err).__name__})"
+    if not ok:
+        return ok, detail
     try:
-        req = ThinkRequest.model_validate(data)
-    except ValidationError as err:  # field names and rules only: never echo the input back
-        fields = [{"field": ".".join(str(p) for p in e["loc"]) or "<body>", "message": e["msg"]} for e in err.errors()]
-        raise ApiError(422, "invalid_request", "the request does not validate", fields) from None
-    if len(req.text) > s.max_prompt_chars:
-        raise ApiError(422, "prompt_too_long", f"the prompt is over {s.max_prompt_chars} characters")
-    max_tokens = req.max_tokens or req.max_new_tokens
-    if max_tokens is not None and max_tokens > s.max_tokens_limit:
-        raise ApiError(422, "max_tokens_too_large", f"max_tokens is over the limit of {s.max_tokens_limit}")
-    if has_template_token(req.text):
-        raise ApiError(400, "template_token_in_prompt", "the prompt contains a chat-template token (<|...|>)")
-    return req
+        audit.check()
+    except Exception as err:
+        return False, f"the audit log cannot be written ({type(err).__name__})"
+    return ok, detail
 
 
 def create_app(backend: Backend, audit: AuditLog, settings: ServeSettings | None = None) -> FastAPI:
     s = settings or ServeSettings()
-    app = FastAPI(title="SO8T /think API", version="1", docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="SO8T /think API", version="2", docs_url="/docs", redoc_url=None,
+                  description=(__doc__ or "").split("\n\n")[0])
     app.state.backend, app.state.audit, app.state.settings = backend, audit, s
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None),
+                              openai=request.url.path.startswith("/v1/"))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled %s on %s", type(exc).__name__, request.url.path)
-        return error_response(500, "internal_error", "internal error")
+        return error_response(500, "internal_error", "internal error", openai=request.url.path.startswith("/v1/"))
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
     async def healthz() -> JSONResponse:
-        ok, detail = await run_in_threadpool(backend.health)
+        ok, detail = await run_in_threadpool(_health, backend, audit)
         return JSONResponse({"status": "ok" if ok else "unavailable", "backend": backend.name,
                              "model": backend.model, "detail": detail}, status_code=200 if ok else 503)
 
-    async def handle(request: Request, rid: str, row: dict[str, Any]) -> JSONResponse:
-        _check_key(request, s.api_key)
-        req = _parse_request(await _read_body(request, s.max_request_bytes), s)
+    async def think_reply(request: Request, row: dict) -> Response:
+        check_key(request, s.api_key)
+        req = validate_json(await read_body(request, s.max_request_bytes), ThinkRequest)
         row["prompt_chars"] = len(req.text)
-        gen_req = GenRequest(build_prompt(req.text, s.format), req.max_tokens or req.max_new_tokens or
-                             s.default_max_tokens, s.temperature if req.temperature is None else req.temperature,
-                             req.top_p or s.top_p, req.seed)
-        t0 = time.perf_counter()
-        try:
-            gen = await run_in_threadpool(backend.generate, gen_req)
-        except BackendError as err:
-            raise ApiError(err.http_status, err.code, err.message) from None
-        finally:
-            row["backend_ms"] = (time.perf_counter() - t0) * 1000
-        d = gate.decide(gen.text, req.text)
-        row.update(status=d.status, error=d.reason, label=d.label, escalated=d.escalated,
-                   thinking_sha256=d.thinking_sha256, answer_sha256=gate.sha256(d.answer),
-                   output_sha256=gate.sha256(gen.text), thinking_chars=d.thinking_chars, answer_chars=len(d.answer),
-                   output_chars=len(gen.text), prompt_tokens=gen.prompt_tokens,
-                   completion_tokens=gen.completion_tokens)
+        max_tokens = req.max_tokens or req.max_new_tokens
+        check_limits(len(req.text), max_tokens, [req.text], s)
+        gen_req = sampling(s, build_prompt(req.text, s.format), max_tokens, req.temperature, req.top_p, req.seed)
+        _, d = await generate_gated(backend, gen_req, req.text, row)
         body = ThinkResponse(answer=d.answer, safety_label=d.label, escalated=d.escalated,
-                             internal_reasoning_hash=d.thinking_sha256, request_id=rid, status=d.status,
-                             model=backend.model, detail=d.reason)
+                             internal_reasoning_hash=d.thinking_sha256, request_id=row["request_id"],
+                             status=d.status, model=backend.model, detail=d.reason)
         return JSONResponse(body.model_dump(), status_code=d.http_status)
 
-    @app.post("/think")
-    async def think(request: Request) -> JSONResponse:
-        rid = uuid.uuid4().hex
-        t0 = time.perf_counter()
-        row: dict[str, Any] = {"request_id": rid, "model": backend.model, "backend": backend.name, "escalated": 0}
-        try:
-            resp = await handle(request, rid, row)
-        except ApiError as err:
-            row.update(status="rejected" if err.http_status < 500 else "error", error=err.code)
-            headers = {"WWW-Authenticate": "Bearer"} if err.http_status == 401 else None
-            resp = error_response(err.http_status, err.code, err.message, rid, err.fields, headers)
-        except Exception as err:  # logged here by type only; the client gets a plain JSON 500
-            log.error("request %s failed: %s", rid, type(err).__name__)
-            row.update(status="error", error="internal_error")
-            resp = error_response(500, "internal_error", "internal error", rid)
-        row.update(http_status=resp.status_code, latency_ms=(time.perf_counter() - t0) * 1000)
-        try:
-            await run_in_threadpool(audit.append, row)
-        except Exception as err:  # fail closed: an answer that cannot be audited is not given
-            log.error("audit write failed for request %s: %s", rid, err)
-            return error_response(503, "audit_unavailable", "the request could not be audited; no answer is given",
-                                  rid)
-        resp.headers["X-Request-ID"] = rid
-        return resp
+    @app.post("/think", response_model=ThinkResponse, openapi_extra=openapi.request_body(ThinkRequest),
+              responses={502: openapi.one_of("the reply was withheld (ThinkResponse, status withheld), or "
+                                             + openapi.WHY[502], ThinkResponse, ErrorBody),
+                         **openapi.error_responses(ErrorBody, 400, 401, 413, 422, 500, 503, 504)})
+    async def think(request: Request) -> Response:
+        row = new_row(backend, "/think")
+        return await audited(audit, row, lambda: think_reply(request, row))
 
+    chat.add_routes(app, backend, audit, s)
+    openapi.install(app, requests=[ThinkRequest, ChatCompletionRequest], extra=[ChatCompletionChunk])
     return app
 
 

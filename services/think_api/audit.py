@@ -1,9 +1,11 @@
-"""The audit log: one SQLite (WAL) row per /think request, hash-chained, holding hashes and numbers, never texts.
+"""The audit log: one SQLite (WAL) row per model request (/think and /v1/chat/completions, streamed or not),
+hash-chained, holding hashes and numbers, never texts.
 
 Each row stores `prev_hash` (the previous row's `row_hash`, 64 zeros for the first) and
-`row_hash = SHA-256(prev_hash + "\\n" + canonical JSON of the row's other columns)`. Editing, inserting or
-deleting a row breaks the chain at that row (deleting the newest rows is only visible against a head hash kept
-elsewhere: `so8t audit verify` prints it). Appends take SQLite's write lock (BEGIN IMMEDIATE), so several
+`row_hash = SHA-256(prev_hash + "\\n" + canonical JSON of the row's other columns)`; columns added after the
+first release (ADDED) enter the JSON only when set, so rows written before them verify as they did. Editing,
+inserting or deleting a row breaks the chain at that row (deleting the newest rows is only visible against a head
+hash kept elsewhere: `so8t audit verify` prints it). Appends take SQLite's write lock (BEGIN IMMEDIATE), so several
 processes may share one file.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("request_id", "TEXT NOT NULL"),
     ("model", "TEXT NOT NULL"),
     ("backend", "TEXT NOT NULL"),
-    ("status", "TEXT NOT NULL"),  # answered | denied | refused | escalated | withheld | error
+    ("status", "TEXT NOT NULL"),  # answered | denied | refused | escalated | withheld | rejected | error | cancelled
     ("http_status", "INTEGER NOT NULL"),
     ("error", "TEXT"),  # an error code or the parser's fixed reason, never model or user text
     ("label", "TEXT"),
@@ -44,8 +46,11 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("completion_tokens", "INTEGER"),
     ("latency_ms", "REAL NOT NULL"),
     ("backend_ms", "REAL"),
+    ("endpoint", "TEXT"),  # /think | /v1/chat/completions
+    ("stream", "INTEGER"),  # 1: the answer went out as server-sent events
 )
 NAMES = tuple(name for name, _ in FIELDS)
+ADDED = frozenset({"endpoint", "stream"})  # missing from databases written before them: added on open
 
 
 def default_path() -> Path:
@@ -53,7 +58,8 @@ def default_path() -> Path:
 
 
 def row_hash(prev_hash: str, record: dict[str, Any]) -> str:
-    body = json.dumps({k: record.get(k) for k in NAMES}, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    hashed = {k: record.get(k) for k in NAMES if k not in ADDED or record.get(k) is not None}
+    body = json.dumps(hashed, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
     return hashlib.sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
 
 
@@ -101,6 +107,16 @@ class AuditLog:
         cols = ", ".join(f"{n} {t}" for n, t in FIELDS)
         self._conn.execute(f"CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, {cols}, "
                            "prev_hash TEXT NOT NULL, row_hash TEXT NOT NULL)")
+        present = {r[1] for r in self._conn.execute("PRAGMA table_info(audit)")}
+        for name, sql in FIELDS:
+            if name not in present:
+                self._conn.execute(f"ALTER TABLE audit ADD COLUMN {name} {sql}")
+
+    def check(self) -> None:
+        """Raise unless a row could be written now (the write lock is taken and given back)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("ROLLBACK")
 
     def append(self, record: dict[str, Any]) -> dict[str, Any]:
         """Write one row (missing fields are NULL); returns it with seq, prev_hash and row_hash."""

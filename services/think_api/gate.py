@@ -7,11 +7,12 @@ The thinking is never returned; only its SHA-256 is (and goes to the audit log).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import unicodedata
 from dataclasses import dataclass
 
-from shared.think_format import Label, parse
+from shared.think_format import END, EOT, Label, parse
 
 REFUSAL = "申し訳ありませんが、このご依頼にはお応えできません。\nI'm sorry, but I can't help with that request."
 HANDOFF = ("このご依頼には専門家（人間）の判断が必要なため、担当者に引き継ぎます。\n"
@@ -49,10 +50,14 @@ def _grams(text: str, window: int) -> set[str]:
     return {text[i:i + window] for i in range(len(text) - window + 1)}
 
 
+@functools.lru_cache(maxsize=256)  # a stream checks one thinking against every longer prefix of its final part
+def _thinking_grams(thinking: str, prompt: str, window: int) -> frozenset[str]:
+    return frozenset(_grams(_squash(thinking), window) - _grams(_squash(prompt), window))
+
+
 def repeats_thinking(thinking: str, final: str, prompt: str = "", window: int = REPEAT_WINDOW) -> bool:
     """True if `final` holds `window` consecutive characters of `thinking` that are not from `prompt`."""
-    grams = _grams(_squash(thinking), window) - _grams(_squash(prompt), window)
-    return not grams.isdisjoint(_grams(_squash(final), window))
+    return not _thinking_grams(thinking, prompt, window).isdisjoint(_grams(_squash(final), window))
 
 
 def _withheld(reason: str, thinking: str | None = None) -> Decision:
@@ -76,3 +81,107 @@ def decide(reply: str, prompt: str = "") -> Decision:
         return _withheld("thinking text repeated in the final part", p.thinking)
     return Decision("answered" if p.label == "ALLOW" else "denied", 200, p.final, p.label, False, digest,
                     thinking_chars=n)
+
+
+# --- the same gate on a reply that is still being generated ---
+
+# How much of the final part a stream holds back, in squashed characters (whitespace dropped, Unicode-folded): at
+# least REPEAT_WINDOW, so a repeat of the thinking is seen whole before any of it leaves, and at least the longest
+# marker a final part may not hold ("verdict:escalation", 18 characters), so none leaves half-written.
+STREAM_HOLD = 20
+_CLOSE_FINAL = "</final>"  # closes a quadruple final part that is still being written
+SENDABLE = ("answered", "denied")  # the statuses whose text is the model's own final part
+
+
+def _rescues(text: str) -> list[str]:
+    """Continuations that undo every failure that exists only at the very end of `text`: a word character (a
+    heading line, a tag like "<final" go on as ordinary text) and the rest of a half-written end-of-turn token
+    (the parser strips a whole one at the end)."""
+    out = ["a"]
+    for tok in (END, EOT):
+        k = next((k for k in range(len(tok) - 1, 0, -1) if text.endswith(tok[:k])), 0)
+        if k:
+            out.append(tok[k:])
+    return out
+
+
+def _hold_cut(answer: str, hold: int = STREAM_HOLD) -> int:
+    """Length of the longest prefix of `answer` followed by at least `hold` squashed characters (0 if none)."""
+    k = len(answer)
+    while k > 0 and len(_squash(answer[k:])) < hold:
+        k -= 1
+    return k if len(_squash(answer[k:])) >= hold else 0
+
+
+class StreamGate:
+    """decide(), applied to a reply while it is generated. Nothing leaves before the reply so far passes decide() as
+    a whole (thinking complete, verdict found, final part begun); then feed() returns the part of its answer that is
+    safe now: decide()'s answer for the reply so far, less a held-back tail of STREAM_HOLD characters. finish()
+    gives the rest, from decide() on the whole reply, so what leaves adds up to exactly what /think answers.
+
+    A reply that passed and then fails in a way no continuation can undo fails for good (`failure` is set: send no
+    more, end with an error); one that never passed is judged by finish(). REFUSE and ESCALATION release nothing
+    before finish(), which gives their fixed text."""
+
+    def __init__(self, prompt: str = ""):
+        self.prompt = prompt
+        self.reply = ""  # the raw model text so far
+        self.sent = ""  # the answer text released so far
+        self.failure: Decision | None = None
+        self._passed: Decision | None = None  # the last decision on the reply so far that passed
+        self._closer = ""
+
+    def _passing(self, text: str) -> tuple[Decision, str] | None:
+        """decide() on the reply so far, read as complete or (quadruple) with its final part closed: the first
+        reading that passes and its closer, if one does."""
+        for closer in ("", _CLOSE_FINAL):
+            d = decide(text + closer, self.prompt)
+            if d.status != "withheld":
+                return d, closer
+        return None
+
+    def _fail(self) -> None:
+        """Fail for good, for the reason decide() gives in the reading that passed last."""
+        reason = decide(self.reply + self._closer, self.prompt).reason or "reply did not parse"
+        last = self._passed
+        self.failure = _withheld(reason) if last is None else Decision(
+            "withheld", 502, WITHHELD, None, False, last.thinking_sha256, reason, last.thinking_chars)
+
+    def _release(self, cleared: str) -> str:
+        if cleared.startswith(self.sent):
+            new, self.sent = cleared[len(self.sent):], cleared
+            return new
+        if not self.sent.startswith(cleared):  # cannot happen while decide() is consistent: fail closed anyway
+            self.failure = _withheld("the answer changed after part of it was sent")
+        return ""
+
+    def feed(self, delta: str) -> str:
+        """Add generated text; return the answer text that may be sent now ('' while nothing new is safe)."""
+        if self.failure is not None or not delta:
+            return ""
+        self.reply += delta
+        passing = self._passing(self.reply)
+        if passing is None:
+            if self._passed is not None and all(self._passing(self.reply + r) is None for r in _rescues(self.reply)):
+                self._fail()
+            return ""
+        d, self._closer = passing
+        self._passed = d
+        return self._release(d.answer[: _hold_cut(d.answer)]) if d.status in SENDABLE else ""
+
+    def finish(self) -> tuple[str, Decision]:
+        """The reply is complete: (the answer text not sent yet, the decision on the whole reply)."""
+        if self.failure is not None:
+            return "", self.failure
+        d = decide(self.reply, self.prompt)
+        if d.status == "withheld":
+            self.failure = d
+            return "", d
+        if d.status not in SENDABLE:
+            if self.sent:  # cannot happen: a label's fixed text is never released early
+                self.failure = _withheld("the label changed after part of the answer was sent")
+                return "", self.failure
+            self.sent = d.answer
+            return d.answer, d
+        rest = self._release(d.answer)
+        return (rest, d) if self.failure is None else ("", self.failure)

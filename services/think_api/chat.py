@@ -1,0 +1,89 @@
+"""The OpenAI chat-completions protocol on the /think pipeline: POST /v1/chat/completions, GET /v1/models.
+
+Same backend, gate, audit log and API key as POST /think. `choices[0].message.content` is what /think answers
+(its `answer`); the label, the thinking's hash and the request id are in the `so8t` extension. A withheld reply is
+an error (HTTP 502, `code: withheld`, `x-should-retry: false`). `stream: true` is in chat_stream.
+"""
+from __future__ import annotations
+
+import time
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from services.think_api import chat_stream, openapi
+from services.think_api.audit import AuditLog
+from services.think_api.chat_models import (AssistantMessage, ChatCompletion, ChatCompletionChunk,
+                                            ChatCompletionRequest, ChatErrorBody, Choice, ModelCard, ModelList)
+from services.think_api.chat_shapes import finish_reason, so8t_info, usage, withheld_body
+from services.think_api.errors import ApiError, api_error_response
+from services.think_api.generation import Backend
+from services.think_api.http_input import check_key, read_body, validate_json
+from services.think_api.prompts import render_turns
+from services.think_api.replies import audited, generate_gated, new_row
+from services.think_api.serve_settings import ServeSettings, check_limits, sampling
+
+ENDPOINT = "/v1/chat/completions"
+OWNER = "so8t"
+
+
+def _check_model(req: ChatCompletionRequest, backend: Backend) -> None:
+    if req.model != backend.model:  # the name asked for is not echoed back
+        raise ApiError(404, "model_not_found", f"this server serves one model, {backend.model!r} (GET /v1/models)")
+
+
+def add_routes(app: FastAPI, backend: Backend, audit: AuditLog, s: ServeSettings) -> None:
+    started = int(time.time())
+    card = ModelCard(id=backend.model, created=started, owned_by=OWNER)
+
+    def keyed(request: Request, model_id: str | None = None) -> Response | None:
+        """None when the request may see the model list (or `model_id`); else the error response."""
+        try:
+            check_key(request, s.api_key)
+            if model_id is not None and model_id != backend.model:
+                raise ApiError(404, "model_not_found", "no such model here (GET /v1/models)")
+        except ApiError as err:
+            return api_error_response(err, None, openai=True)
+        return None
+
+    @app.get("/v1/models", response_model=ModelList, responses=openapi.error_responses(ChatErrorBody, 401))
+    async def models(request: Request) -> Response:
+        return keyed(request) or JSONResponse(ModelList(data=[card]).model_dump())
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard,
+             responses=openapi.error_responses(ChatErrorBody, 401, 404))
+    async def model(request: Request, model_id: str) -> Response:
+        return keyed(request, model_id) or JSONResponse(card.model_dump())
+
+    async def reply(request: Request, row: dict) -> Response:
+        check_key(request, s.api_key)
+        req = validate_json(await read_body(request, s.max_request_bytes), ChatCompletionRequest)
+        _check_model(req, backend)
+        turns = [(m.turn_role, m.text) for m in req.messages]
+        texts = [text for _, text in turns]
+        row.update(prompt_chars=sum(map(len, texts)), stream=int(req.stream))
+        check_limits(row["prompt_chars"], req.token_limit, texts, s)
+        gen_req = sampling(s, render_turns(turns, s.format), req.token_limit, req.temperature, req.top_p, req.seed)
+        gate_prompt = "\n".join(texts)  # what the thinking may restate, and the answer too
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await chat_stream.open_stream(backend, audit, s, gen_req, gate_prompt, row, include_usage)
+        gen, d = await generate_gated(backend, gen_req, gate_prompt, row)
+        if d.status == "withheld":
+            return JSONResponse(withheld_body(d, row["request_id"]), status_code=502,
+                                headers={"x-should-retry": "false"})
+        body = ChatCompletion(id=f"chatcmpl-{row['request_id']}", created=int(time.time()), model=backend.model,
+                              choices=[Choice(message=AssistantMessage(content=d.answer),
+                                              finish_reason=finish_reason(gen))],  # type: ignore[arg-type]
+                              usage=usage(gen), so8t=so8t_info(d, row["request_id"]))
+        return JSONResponse(body.model_dump())
+
+    @app.post(ENDPOINT, response_model=ChatCompletion, openapi_extra=openapi.request_body(ChatCompletionRequest),
+              responses={200: {"description": "the answer; with `stream: true`, server-sent events: one `data:` "
+                                               "ChatCompletionChunk each, then `data: [DONE]`",
+                               "content": {"text/event-stream": {"schema": openapi.ref(ChatCompletionChunk)}}},
+                         502: {"model": ChatErrorBody, "description": "the reply was withheld (code withheld, with "
+                                                                      "so8t), or " + openapi.WHY[502]},
+                         **openapi.error_responses(ChatErrorBody, 400, 401, 404, 413, 500, 503, 504)})
+    async def completions(request: Request) -> Response:
+        row = new_row(backend, ENDPOINT)
+        return await audited(audit, row, lambda: reply(request, row), openai=True)

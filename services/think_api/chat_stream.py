@@ -1,0 +1,192 @@
+"""`stream: true`: the answer as server-sent events in the OpenAI chunk shape, the thinking never.
+
+    data: {"object": "chat.completion.chunk", "choices": [{"delta": {"role": "assistant", "content": "..."}}]}
+    data: ... (more content)
+    data: {... "choices": [{"delta": {}, "finish_reason": "stop"}], "so8t": {label, status, ...}}
+    data: {... "choices": [], "usage": {...}}                      (with stream_options.include_usage)
+    data: [DONE]
+
+Nothing is sent while the model thinks (only `: keep-alive` comments, after each silence of
+stream_keepalive_s). The reply goes through gate.StreamGate, the label gate of /think applied as it is
+generated, so what streams adds up to /think's answer. A reply that fails a check ends with one error event
+(`{"error": {"code": "withheld", ...}, "so8t": {...}}`) and `data: [DONE]`, never with the offending text;
+REFUSE and ESCALATION send their fixed texts at the end. The audit row is written before the last held-back part
+and the finish event: a stream whose row cannot be written ends with an error instead. A client that goes away
+stops the generation and leaves a row with status `cancelled`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator
+
+import anyio
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Send
+
+from services.think_api import gate
+from services.think_api.audit import AuditLog
+from services.think_api.chat_models import ChatCompletionChunk, ChatError, ChatErrorBody, ChunkChoice, Delta
+from services.think_api.chat_shapes import finish_reason, so8t_info, usage
+from services.think_api.errors import ApiError, openai_type
+from services.think_api.generation import Backend, BackendError, GenRequest, Generation
+from services.think_api.pump import END, SILENCE, BackendPump
+from services.think_api.replies import backend_api_error, decision_fields, finish_row, log, usage_fields
+from services.think_api.serve_settings import ServeSettings
+
+KEEPALIVE = ": keep-alive\n\n"
+DONE = "data: [DONE]\n\n"
+
+
+def sse(event: BaseModel) -> str:
+    return f"data: {event.model_dump_json()}\n\n"
+
+
+class EventStream(StreamingResponse):
+    media_type = "text/event-stream"
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:  # the events' own cleanup (its audit row) runs now, also when the client went away mid-stream
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+class Chunks:
+    """The events of one stream, in the OpenAI chunk shape; the role goes with the first content."""
+
+    def __init__(self, request_id: str, model: str):
+        self.request_id, self.model = request_id, model
+        self.id, self.created = f"chatcmpl-{request_id}", int(time.time())
+        self._role_sent = False
+
+    def _chunk(self, choices: list[ChunkChoice], **extra: Any) -> str:
+        return sse(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, **extra))
+
+    def content(self, text: str) -> str:
+        delta = Delta(role=None if self._role_sent else "assistant", content=text)
+        self._role_sent = True
+        return self._chunk([ChunkChoice(delta=delta)])
+
+    def finish(self, reason: str, d: gate.Decision) -> str:
+        return self._chunk([ChunkChoice(delta=Delta(), finish_reason=reason)],  # type: ignore[arg-type]
+                           so8t=so8t_info(d, self.request_id))
+
+    def usage(self, gen: Generation) -> str:
+        return self._chunk([], usage=usage(gen))
+
+    def error(self, http_status: int, code: str, message: str, d: gate.Decision | None = None) -> str:
+        err = ChatError(message=message, type=openai_type(http_status), param=None, code=code)
+        info = so8t_info(d, self.request_id) if d is not None else None
+        return sse(ChatErrorBody(error=err, request_id=self.request_id, so8t=info))
+
+
+class _Stream:
+    """One stream's state: the gate, the events, the audit row (written once)."""
+
+    def __init__(self, audit: AuditLog, row: dict[str, Any], gate_prompt: str, model: str, include_usage: bool):
+        self.audit, self.row, self.include_usage = audit, row, include_usage
+        self.gate = gate.StreamGate(gate_prompt)
+        self.chunks = Chunks(row["request_id"], model)
+        self.audited = False
+
+    async def write_row(self, **fields: Any) -> bool:
+        """Write the row (once): the gate's figures, what was sent, `fields`. False if the audit log failed."""
+        self.audited = True
+        g = self.gate
+        self.row.setdefault("backend_ms", (time.perf_counter() - self.row["_t0"]) * 1000)
+        self.row.update({"answer_sha256": gate.sha256(g.sent), "answer_chars": len(g.sent),
+                         "output_sha256": gate.sha256(g.reply), "output_chars": len(g.reply)}, **fields)
+        try:
+            with anyio.CancelScope(shield=True):  # also when the client has gone and this task is cancelled
+                await run_in_threadpool(self.audit.append, finish_row(self.row, 200))
+            return True
+        except Exception as err:
+            log.error("audit write failed for request %s: %s", self.row["request_id"], err)
+            return False
+
+    async def answered(self, gen: Generation) -> AsyncIterator[str]:
+        rest, d = self.gate.finish()
+        if d.status == "withheld":
+            async for event in self.withheld(d, gen):
+                yield event
+            return
+        if not await self.write_row(**decision_fields(d, self.gate.reply, self.gate.sent), **usage_fields(gen)):
+            yield self.chunks.error(503, "audit_unavailable", "the request could not be audited; no more is sent")
+            return
+        if rest:
+            yield self.chunks.content(rest)
+        yield self.chunks.finish(finish_reason(gen), d)
+        if self.include_usage:
+            yield self.chunks.usage(gen)
+
+    async def withheld(self, d: gate.Decision, gen: Generation | None = None) -> AsyncIterator[str]:
+        await self.write_row(**decision_fields(d, self.gate.reply, self.gate.sent),
+                             **(usage_fields(gen) if gen else {}))
+        yield self.chunks.error(502, "withheld", gate.WITHHELD, d)
+
+    async def failed(self, item: Any) -> AsyncIterator[str]:
+        """The backend failed after the stream began (or its stream ended without its last part)."""
+        if isinstance(item, BackendError):
+            status, code, message = item.http_status, item.code, item.message
+        elif item is END:
+            status, code, message = 502, "backend_bad_response", "the backend's stream ended before its last part"
+        else:
+            log.error("request %s: stream failed: %s", self.row["request_id"], type(item).__name__)
+            status, code, message = 500, "internal_error", "internal error"
+        await self.write_row(status="error", error=code)
+        yield self.chunks.error(status, code, message)
+
+
+async def _events(pump: BackendPump, first: Any, st: _Stream, keepalive_s: float) -> AsyncIterator[str]:
+    try:
+        item = first
+        while True:
+            if item is SILENCE:
+                yield KEEPALIVE
+            elif isinstance(item, str):
+                text = st.gate.feed(item)
+                if st.gate.failure is not None:
+                    break
+                if text:
+                    yield st.chunks.content(text)
+            else:
+                break
+            item = await pump.get(keepalive_s)
+        pump.stop()
+        st.row["backend_ms"] = (time.perf_counter() - st.row["_t0"]) * 1000
+        if st.gate.failure is not None:
+            ending = st.withheld(st.gate.failure)
+        elif isinstance(item, Generation):
+            ending = st.answered(item)
+        else:
+            ending = st.failed(item)
+        async for event in ending:
+            yield event
+        yield DONE
+    finally:
+        pump.stop()
+        if not st.audited:  # the client went away (this task was cancelled) before the end
+            await st.write_row(status="cancelled", error="client_disconnected")
+
+
+async def open_stream(backend: Backend, audit: AuditLog, s: ServeSettings, req: GenRequest, gate_prompt: str,
+                      row: dict[str, Any], include_usage: bool) -> Response:
+    """Start the backend; an error before its first token is a plain HTTP error, after it an error event."""
+    try:
+        await run_in_threadpool(audit.check)
+    except Exception as err:
+        log.error("audit log not writable for request %s: %s", row["request_id"], err)
+        raise ApiError(503, "audit_unavailable", "the request could not be audited; no answer is given") from None
+    pump = BackendPump(backend, req)
+    first = await pump.get(s.stream_keepalive_s)
+    if isinstance(first, BaseException):
+        pump.stop()
+        row["backend_ms"] = (time.perf_counter() - row["_t0"]) * 1000
+        if isinstance(first, BackendError):
+            raise backend_api_error(first)
+        raise first
+    st = _Stream(audit, row, gate_prompt, backend.model, include_usage)
+    return EventStream(_events(pump, first, st, s.stream_keepalive_s),
+                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,59 @@
+"""A backend's stream, run in a thread of its own and read from the event loop.
+
+The backends are blocking iterators (llama.cpp's token loop, Ollama's streamed HTTP body); the SSE response awaits
+their items here with a timeout (for keep-alives) and stops them when the client goes or a check fails: the thread
+closes the iterator itself, so llama.cpp stops generating and releases its lock.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Iterator
+
+from services.think_api.generation import Backend, GenRequest
+
+END = object()  # the backend's iterator is exhausted (or closed)
+SILENCE = object()  # nothing arrived within the timeout
+
+
+class BackendPump:
+    def __init__(self, backend: Backend, req: GenRequest):
+        self._loop = asyncio.get_running_loop()
+        self._items: asyncio.Queue[Any] = asyncio.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(backend, req), name="so8t-stream", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody is reading
+            self._stop.set()
+
+    def _run(self, backend: Backend, req: GenRequest) -> None:
+        items: Iterator[Any] | None = None
+        try:
+            items = backend.stream(req)
+            for item in items:
+                if self._stop.is_set():
+                    break
+                self._put(item)
+        except BaseException as err:  # noqa: BLE001 - handed to the reader, which reports it
+            self._put(err)
+        finally:
+            try:
+                getattr(items, "close", lambda: None)()
+            except Exception:  # noqa: BLE001 - a backend that fails to close has ended all the same
+                pass
+            self._put(END)
+
+    async def get(self, timeout: float) -> Any:
+        """The next item (text, Generation, an exception, END), or SILENCE after `timeout` seconds."""
+        try:
+            return await asyncio.wait_for(self._items.get(), timeout)
+        except asyncio.TimeoutError:
+            return SILENCE
+
+    def stop(self) -> None:
+        """Stop at the backend's next item; returns at once."""
+        self._stop.set()
