@@ -25,8 +25,11 @@ COMPOSE ?= docker compose
 env_get = $(shell sed -n 's/^$(1)=//p' .env 2>/dev/null | tail -n 1 | tr -d "\"'")
 DATA_DIR ?= $(or $(call env_get,DATA_DIR),./data)
 REGISTRY ?= $(call env_get,REGISTRY)
-# like compose: the shell's environment first, then .env, then the default
-RUN_ID ?= $(or $(SO8T_RUN_ID),$(call env_get,SO8T_RUN_ID),$(SO8T_PROFILE),$(call env_get,SO8T_PROFILE),full)
+# like compose: the shell's environment first, then .env, then the default; the profile names the run (its run_id)
+export SO8T_PROFILE ?= $(or $(call env_get,SO8T_PROFILE),full)
+RUN_ID := $(shell sed -n 's/^run_id: *//p' configs/pipeline/$(SO8T_PROFILE).yaml)
+# paths on the data volume, from shared/layout.py (stdlib only: no venv needed)
+LAYOUT = python3 -m shared.layout --data-dir "$(DATA_DIR)" --run-id "$(RUN_ID)"
 # make pipeline BUILD=0: use the images as they are (pulled from REGISTRY), build nothing
 BUILD ?= 1
 # extra arguments for one stage (make train ARGS="--max-steps 50"), one service for logs/build (SERVICE=trainer)
@@ -50,23 +53,23 @@ data-dir:  ## create the data folder (so Docker does not create it as root); see
 	case "$$host" in ssh://*|tcp://*) \
 	  echo ">> Docker engine at $$host: DATA_DIR=$(DATA_DIR) is a folder on that machine; create it there," \
 	       "writable by uid $(SO8T_UID), with the input in $(DATA_DIR)/input/four_class"; exit 0;; esac; \
-	mkdir -p "$(DATA_DIR)/input/four_class"; \
-	if ! ls "$(DATA_DIR)"/input/four_class/*.jsonl >/dev/null 2>&1; then \
-	  cp examples/four_class/*.jsonl "$(DATA_DIR)/input/four_class/"; \
-	  echo ">> $(DATA_DIR)/input/four_class was empty: copied the example set (examples/four_class) there"; \
+	input="$$($(LAYOUT) input)"; mkdir -p "$$input"; \
+	if ! ls "$$input"/*.jsonl >/dev/null 2>&1; then \
+	  cp examples/four_class/*.jsonl "$$input/"; \
+	  echo ">> $$input was empty: copied the example set (examples/four_class) there"; \
 	fi
 
 pipeline: data-dir  ## the whole chain in containers; follows the logs until the Ollama import + smoke test ends
 	@export SO8T_PIPELINE_ID="$$(date -u +%Y%m%dT%H%M%SZ)"; \
-	echo ">> pipeline $$SO8T_PIPELINE_ID: data in $(DATA_DIR), run $(RUN_ID)" \
+	echo ">> pipeline $$SO8T_PIPELINE_ID: data in $(DATA_DIR), profile $(SO8T_PROFILE) (run $(RUN_ID))" \
 	     "(Ctrl-C stops following the logs, not the stack: make down stops it)"; \
 	$(PIPELINE) up --detach $(UP_BUILD) || exit $$?; \
 	$(PIPELINE) logs --follow dataset trainer baker converter ollama-import & logs=$$!; \
 	rc=$$(docker wait "$$($(PIPELINE) ps --all --quiet ollama-import)") || rc=1; \
 	kill $$logs 2>/dev/null; wait $$logs 2>/dev/null; \
-	echo; ls -1 "$(DATA_DIR)"/runs/$(RUN_ID)/*/manifest.json "$(DATA_DIR)"/runs/$(RUN_ID)/train/final/manifest.json 2>/dev/null; \
+	run="$$($(LAYOUT) run)"; echo; ls -1 "$$run"/*/manifest.json "$$run"/train/final/manifest.json 2>/dev/null; \
 	if [ "$$rc" = 0 ]; then \
-	  echo ">> pipeline $$SO8T_PIPELINE_ID done: artifacts under $(DATA_DIR)/runs/$(RUN_ID)/, /think served by think-api (make ps)"; \
+	  echo ">> pipeline $$SO8T_PIPELINE_ID done: artifacts under $$run/, /think served by think-api (make ps)"; \
 	else \
 	  echo ">> ollama-import exited $$rc (its restart policy may retry it): make ps, make logs SERVICE=<stage>"; \
 	fi; exit $$rc
@@ -82,7 +85,7 @@ logs:  ## follow the logs (SERVICE=trainer for one)
 
 ps:  ## containers of the stack and each stage's finish marker
 	$(PIPELINE) ps --all
-	@for f in "$(DATA_DIR)"/runs/$(RUN_ID)/stack/*.json; do [ -f "$$f" ] && echo "$$f: $$(tr -d '\n ' < "$$f" | cut -c1-160)"; done; true
+	@for f in "$$($(LAYOUT) stack)"/*.json; do [ -f "$$f" ] && echo "$$f: $$(tr -d '\n ' < "$$f" | cut -c1-160)"; done; true
 
 build:  ## build the three images (cuda, converter, think-api)
 	$(PIPELINE) build $(SERVICE)

@@ -9,9 +9,10 @@ import argparse
 import importlib
 import importlib.util
 import sys
+from pathlib import Path
 
 from shared import logs
-from shared.config import ConfigError
+from shared.errors import StageError
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         mod = importlib.import_module(module)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _prog=f"so8t {name}")
     return parser
 
 
@@ -55,16 +56,25 @@ def run_stage(module: str, argv: list[str] | None = None, prog: str | None = Non
     mod = importlib.import_module(module)
     parser = argparse.ArgumentParser(prog=prog or module, description=(mod.__doc__ or "").strip().splitlines()[0])
     mod.add_arguments(parser)
-    return _invoke(mod.run, parser.parse_args(argv))
+    return _invoke(mod.run, parser.parse_args(argv), parser.prog)
 
 
-def _invoke(fn, args: argparse.Namespace) -> int:
+def report(prog: str, err: StageError) -> str:
+    """The error as the user reads it: what went wrong, then what became of the output."""
+    lines = [f"{prog}: {err}"]
+    if err.output is not None:
+        out = Path(err.output)
+        lines.append(f"the previous {out} is untouched" if out.exists() else f"nothing was written to {out}")
+    return "\n".join(lines)
+
+
+def _invoke(fn, args: argparse.Namespace, prog: str) -> int:
     logs.setup()
     try:
         return int(fn(args) or 0)
-    except ConfigError as err:
-        print(f"config error:\n{err}", file=sys.stderr)
-        return 2
+    except StageError as err:
+        print(report(prog, err), file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -72,7 +82,7 @@ def _invoke(fn, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return _invoke(args._run, args)
+    return _invoke(args._run, args, args._prog)
 
 
 if __name__ == "__main__":

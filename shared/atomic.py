@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+log = logging.getLogger("so8t.atomic")
 
 
 def fsync_path(path: str | Path) -> None:
@@ -102,6 +106,8 @@ def staging_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(target)
+    for p in remove_stale_temps(target.parent, of=target.name):  # staging dirs of killed runs: each a whole copy
+        log.info("removed %s, left by an interrupted run", p)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # a new directory's mode, not mkdtemp's 0700
     try:
@@ -124,14 +130,15 @@ def replace_dir(src: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
-def remove_stale_temps(directory: str | Path) -> list[Path]:
-    """Remove leftovers of interrupted atomic writes (`.name.*.tmp`) in `directory`."""
-    removed = []
+def remove_stale_temps(directory: str | Path, of: str | None = None) -> list[Path]:
+    """Remove leftovers of interrupted atomic writes (`.name.*.tmp`) in `directory`; only those of `of` if given."""
+    removed: list[Path] = []
     directory = Path(directory)
     if not directory.is_dir():
         return removed
-    for p in directory.iterdir():
-        if p.name.startswith(".") and p.name.endswith(".tmp"):
+    prefix = f".{of}." if of is not None else "."
+    for p in sorted(directory.iterdir()):
+        if p.name.startswith(prefix) and p.name.endswith(".tmp"):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
             removed.append(p)
     return removed

@@ -12,11 +12,13 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from shared.errors import InputError
+
 T = TypeVar("T", bound="StrictModel")
 
 
-class ConfigError(ValueError):
-    """A configuration file that does not validate; the message names file, line and key."""
+class ConfigError(InputError, ValueError):
+    """A configuration file (or command line) that does not validate; the message names file, line and key."""
 
 
 class StrictModel(BaseModel):

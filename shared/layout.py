@@ -1,11 +1,13 @@
-"""Where every artifact lives on the data volume (DESIGN.md "Data volume").
+"""Where every artifact lives on the data volume (docs/design.md "Data volume").
 
     <data>/input/four_class/*.jsonl
     <data>/datasets/<dataset_id>/{train,val,rejects}.jsonl, manifest.json
+    <data>/models/tiny/                      the tiny random Phi-3 (tiny profile)
     <data>/runs/<run_id>/train/{checkpoints/checkpoint-<step>, final}/
     <data>/runs/<run_id>/baked/
     <data>/runs/<run_id>/gguf/<name>-{F16,Q8_0,Q4_K_M}.gguf
     <data>/runs/<run_id>/ollama/{Modelfile,smoke.json}
+    <data>/runs/<run_id>/{stack/, logs/, status.json}
     <data>/hf_cache/   <data>/audit/
 """
 from __future__ import annotations
@@ -17,8 +19,8 @@ from typing import Literal, get_args
 
 GgufType = Literal["F16", "Q8_0", "Q4_K_M"]
 GGUF_TYPES: tuple[GgufType, ...] = get_args(GgufType)  # in conversion order: F16 first, quantised from it
-# llama.cpp's `general.file_type` code of each (gguf.LlamaFileType: MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_Q4_K_M)
-GGUF_FILE_TYPES: dict[GgufType, int] = {"F16": 1, "Q8_0": 7, "Q4_K_M": 15}
+# llama.cpp's name of each file type: gguf.LlamaFileType[...] (the header's general.file_type), LLAMA_FTYPE_...
+GGUF_FILE_TYPES: dict[GgufType, str] = {"F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_K_M": "MOSTLY_Q4_K_M"}
 TRAINING_SESSION = "training_session.json"  # the trainer's live step/total, read by the pipeline for progress
 
 
@@ -43,17 +45,26 @@ class Layout:
     root: Path
 
     @classmethod
-    def from_env(cls) -> "Layout":
+    def from_env(cls) -> Layout:
         return cls(data_dir())
 
     @property
     def audit_dir(self) -> Path:
         return self.root / "audit"
 
+    @property
+    def input_glob(self) -> Path:
+        """What the user brings: the four-class JSONL files (a profile's dataset.inputs may name others)."""
+        return self.root / "input" / "four_class" / "*.jsonl"
+
+    @property
+    def tiny_model(self) -> Path:
+        return self.root / "models" / "tiny"
+
     def dataset(self, dataset_id: str) -> Path:
         return self.root / "datasets" / dataset_id
 
-    def run(self, run_id: str) -> "RunLayout":
+    def run(self, run_id: str) -> RunLayout:
         return RunLayout(self.root / "runs" / run_id)
 
 
@@ -87,3 +98,37 @@ class RunLayout:
     @property
     def ollama(self) -> Path:
         return self.root / "ollama"
+
+    @property
+    def stack(self) -> Path:
+        """The compose stack's finish markers (services.stack)."""
+        return self.root / "stack"
+
+    @property
+    def logs(self) -> Path:
+        """The native orchestrator's per-stage logs."""
+        return self.root / "logs"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "status.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python3 -m shared.layout --data-dir D [--run-id R] WHAT`: print a path (for the Makefile; stdlib only)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python3 -m shared.layout", description=main.__doc__)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--run-id", default="")
+    p.add_argument("what", choices=("input", "run", "stack"))
+    args = p.parse_args(argv)
+    layout = Layout(Path(args.data_dir)) if args.data_dir else Layout.from_env()
+    path = {"input": lambda: layout.input_glob.parent, "run": lambda: layout.run(args.run_id).root,
+            "stack": lambda: layout.run(args.run_id).stack}[args.what]()
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

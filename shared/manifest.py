@@ -9,8 +9,9 @@ import importlib.metadata
 import json
 import platform
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from shared import atomic
 

@@ -1,4 +1,4 @@
-"""PET regularisation (DESIGN.md "PET regularisation"): a smoothness penalty on the last layer's hidden states.
+"""PET regularisation (docs/design.md "PET regularisation"): a smoothness penalty on the last layer's hidden states.
 
 Second-order difference along the sequence, d2_t = h_t - 2·h_{t+1} + h_{t+2}; the penalty is the mean of d2²
 (or of the Huber loss of d2 when ``huber_delta`` > 0) over every hidden unit of every position t where t, t+1
@@ -10,9 +10,9 @@ Its weight λ follows a three-phase schedule by training progress: exploration (
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

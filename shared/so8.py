@@ -1,5 +1,5 @@
-"""The SO(8) rotation gate (DESIGN.md, fixed conventions). One implementation: the trainer uses `SO8Gate`
-as a module on the input of `self_attn.o_proj`, the baker folds the same rotation with `fold_into_weight`.
+"""The SO(8) rotation gate (docs/design.md "SO(8) rotation gate", fixed conventions). One implementation: the
+trainer uses `SO8Gate` on the input of `self_attn.o_proj`, the baker folds the same rotation (`fold_into_weight`).
 
 - Per gated layer a parameter A of shape [k, 8, 8] (float32), hidden size D = 8k.
 - Generator G = A - Aᵀ, rotation R_n = matrix_exp(G_n) (float32, evaluated in float64): orthogonal, det +1.
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 BLOCK = 8
-GATES_FILE = "so8t_gates.safetensors"
 CONVENTION = "x_n -> R_n x_n on o_proj input; R = matrix_exp(A - A^T); bake W' = W @ blockdiag(R)"
 
 
@@ -60,7 +60,12 @@ def orthogonality_error(R: torch.Tensor) -> torch.Tensor:
 
 
 class SO8Gate(nn.Module):
-    """Trainable block rotation of a hidden vector; `init_scale` 0 is the exact identity."""
+    """Trainable block rotation of a hidden vector; `init_scale` 0 is the exact identity.
+
+    As a module it rotates what it is given (`gate(x)`); hooked onto a layer (`hook_input_of`) it rotates that
+    layer's input. A rotation computed elsewhere for many gates at once can be handed in (`use_rotation`): the
+    gate applies it for as long as A is unchanged (its version counter), then computes its own again.
+    """
 
     def __init__(self, hidden_size: int, init_scale: float = 0.05, generator: torch.Generator | None = None):
         super().__init__()
@@ -68,12 +73,35 @@ class SO8Gate(nn.Module):
             raise ValueError(f"hidden size {hidden_size} is not a multiple of {BLOCK}")
         A = torch.randn(hidden_size // BLOCK, BLOCK, BLOCK, generator=generator) * init_scale
         self.A = nn.Parameter(A.float())
+        self._given: tuple[torch.Tensor, int] | None = None  # (R, the A version it was computed from)
+        self._hook: RemovableHandle | None = None
 
     def rotation(self) -> torch.Tensor:
+        """R of the current A, freshly computed."""
         return rotations(self.A)
 
+    def use_rotation(self, R: torch.Tensor | None) -> None:
+        """Apply `R` (computed from the current A) until A changes; None forgets it."""
+        self._given = None if R is None else (R, self.A._version)
+
+    def current_rotation(self) -> torch.Tensor:
+        if self._given is not None and self._given[1] == self.A._version:
+            return self._given[0]
+        return self.rotation()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_rotation(x, self.rotation())
+        return apply_rotation(x, self.current_rotation())
+
+    def hook_input_of(self, layer: nn.Module) -> None:
+        """Rotate the first input of every `layer(...)` call from now on."""
+        if self._hook is not None:
+            raise ValueError("this gate is already hooked onto a layer")
+        self._hook = layer.register_forward_pre_hook(lambda _m, args: (self(args[0]), *args[1:]))
+
+    def unhook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def extra_repr(self) -> str:
         return f"blocks={self.A.shape[0]}, block=8"

@@ -1,4 +1,4 @@
-"""The /think format (fixed by DESIGN.md): one renderer and one total parser.
+"""The /think format (fixed by docs/design.md "The /think format"): one renderer and one total parser.
 
 Phi-3.5 chat template::
 
@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 SYSTEM, USER, ASSISTANT, END, EOT = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"
 TEMPLATE_TOKENS = (SYSTEM, USER, ASSISTANT, END, EOT)

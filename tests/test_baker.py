@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.baker.bake import FORBIDDEN_NAME, BakeOptions, bake
+from services.baker.bake import BakeOptions, bake
 from services.baker.inputs import BakeInputError, LoraDelta
 from services.baker.verify import VerificationFailed
 from services.baker.weights import NonFiniteError, bake_tensor
+from services.trainer.artifact import GATES
 from shared import manifest, so8
+from shared.phi3 import NON_STOCK_TENSOR as FORBIDDEN_NAME
 
 PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 GATE_SCALE = 0.5  # gates "trained" far away from the identity
@@ -39,7 +41,7 @@ def make_trained(base: Path, out: Path, seed: int = 0, gate_scale: float = GATE_
     hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
     g = torch.Generator().manual_seed(seed)
     gates = {i: torch.randn(hidden // 8, 8, 8, generator=g) * gate_scale for i in range(layers)}
-    so8.save_gates(out / so8.GATES_FILE, gates, hidden)
+    so8.save_gates(out / GATES, gates, hidden)
     m = manifest.build("train", {}, {}, "test", time.time(), {"steps": 0})
     m.update({"base_model": str(base), "base_model_sha256": manifest.sha256_tree(base),
               "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": PHI3_TARGETS},
@@ -150,7 +152,7 @@ def test_fp32_bake_reloads_as_stock_phi3_and_matches(baked_fp32, trained_dir, ti
 
     from services.trainer.gates import attach_gates
 
-    gates, _ = so8.load_gates(trained_dir / so8.GATES_FILE)
+    gates, _ = so8.load_gates(trained_dir / GATES)
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                                     trained_dir).eval()
     attach_gates(ref, gates, None, 0.0)
@@ -273,21 +275,21 @@ def _llama_adapter(out: Path) -> None:
 
 CASES = {
     # name: (breaks the trained copy / base copy, file the message must name)
-    "missing gates": (lambda t, b: (t / so8.GATES_FILE).unlink(), lambda t, b: t / so8.GATES_FILE),
+    "missing gates": (lambda t, b: (t / GATES).unlink(), lambda t, b: t / GATES),
     "missing trained manifest": (lambda t, b: (t / "manifest.json").unlink(), lambda t, b: t / "manifest.json"),
     "missing tokenizer": (lambda t, b: (b / "tokenizer.model").unlink(), lambda t, b: b / "tokenizer.model"),
     "no chat template": (lambda t, b: _edit_json(b / "tokenizer_config.json", chat_template=None),
                          lambda t, b: b / "tokenizer_config.json"),
     "base with other hidden size": (lambda t, b: _edit_json(b / "config.json", hidden_size=512),
-                                    lambda t, b: t / so8.GATES_FILE),
+                                    lambda t, b: t / GATES),
     "base with fewer layers": (lambda t, b: _edit_json(b / "config.json", num_hidden_layers=1),
-                               lambda t, b: t / so8.GATES_FILE),
+                               lambda t, b: t / GATES),
     "base not phi3": (lambda t, b: _edit_json(b / "config.json", model_type="llama"), lambda t, b: b / "config.json"),
     "adapter for llama": (lambda t, b: _llama_adapter(t), lambda t, b: t / "adapter_config.json"),
     "truncated adapter": (lambda t, b: (t / "adapter_model.safetensors").write_bytes(b"\x10\x00"),
                           lambda t, b: t / "adapter_model.safetensors"),
-    "gates not a gates file": (lambda t, b: (t / so8.GATES_FILE).write_bytes(b"junk"),
-                               lambda t, b: t / so8.GATES_FILE),
+    "gates not a gates file": (lambda t, b: (t / GATES).write_bytes(b"junk"),
+                               lambda t, b: t / GATES),
 }
 
 

@@ -17,12 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from services.stack.wait import split_commands
+from services.baker.options import BakeOptions
+from services.converter.options import ConvertOptions
+from services.dataset.options import DatasetOptions
+from services.stack.cli import profile_jobs, serve_argv
+from shared import flags
 from shared.layout import GGUF_TYPES, Layout, gguf_name, ollama_tag
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "compose.yaml"
 STAGES = ["dataset", "trainer", "baker", "converter", "ollama-import"]  # in chain order
+CHAIN = {"dataset": ["dataset"], "trainer": ["train"], "baker": ["bake"], "converter": ["convert"],
+         "ollama-import": ["ollama-import", "ollama-smoke"]}  # the chain's stages each service runs
+CONTAINER = Layout(Path("/data"))  # DATA_DIR in every container
 SERVICES = set(STAGES) | {"ollama", "think-api"}
 GPU_STAGES = {"trainer", "baker"}
 MAKE_SETS = {"SO8T_PIPELINE_ID", "SO8T_UID", "SO8T_GID"}  # variables the Makefile sets, not the user's .env
@@ -78,17 +85,45 @@ def argv_of(service: dict) -> list[str]:
     return list(service.get("entrypoint") or []) + list(service.get("command") or [])
 
 
-def stage_commands(service: dict) -> tuple[argparse.Namespace | None, list[list[str]]]:
-    """(the services.stack wrapper's arguments or None, the commands it runs)."""
-    argv = argv_of(service)
-    if argv[:3] != ["python", "-m", "services.stack"]:
-        return None, [argv]
+def wrapper_args(service: dict) -> argparse.Namespace:
+    """The services.stack arguments the service runs with (its entrypoint + command)."""
     from services.stack import cli
 
+    argv = argv_of(service)
+    assert argv[:3] == ["python", "-m", "services.stack"], argv
     p = argparse.ArgumentParser()
     cli.add_arguments(p)
-    wrapper = p.parse_args(argv[3:])
-    return wrapper, split_commands(wrapper.command)
+    return p.parse_args(argv[3:])
+
+
+def stage_jobs(service: dict) -> list:
+    """What the service's stack wrapper resolves from its profile, exactly as in the container: the jobs."""
+    from services.stack.cli import _split
+
+    w = wrapper_args(service)
+    names, extra = _split(w.words)
+    return profile_jobs(str(REPO / w.config), names, extra, CONTAINER)[0]
+
+
+def stage_commands(service: dict) -> tuple[argparse.Namespace, list[list[str]]]:
+    """(the services.stack wrapper's arguments, the commands it runs, in order)."""
+    return wrapper_args(service), [c for j in stage_jobs(service) for c in j.commands]
+
+
+def serve_command(service: dict) -> list[str]:
+    from services.stack.cli import _split
+
+    w = wrapper_args(service)
+    assert w.serve
+    return serve_argv(str(REPO / w.config), _split(w.words)[1], CONTAINER)
+
+
+def parsed(argv: list[str]) -> argparse.Namespace:
+    """A stage command's arguments as its own CLI parses them (argv: [python, -m, services.<stage>, ...])."""
+    cli = importlib.import_module(f"{argv[2]}.cli")
+    parser = argparse.ArgumentParser(prog=argv[2], exit_on_error=False)
+    cli.add_arguments(parser)
+    return parser.parse_args(argv[3:])
 
 
 def opt(argv: list[str], flag: str, n: int = 1) -> str | list[str]:
@@ -229,20 +264,22 @@ def test_stages_chain_through_manifests_not_depends_on(config):
     s = config["services"]
     outputs = {}
     for name in STAGES:
-        wrapper, commands = stage_commands(s[name])
-        assert wrapper is not None and wrapper.name == name, name
+        jobs = stage_jobs(s[name])
+        assert [j.name for j in jobs] == CHAIN[name], name
         assert not set(s[name].get("depends_on", {})) & set(STAGES), f"{name} depends_on another stage"
-        assert s[name]["environment"]["SO8T_STACK_DIR"] == s["dataset"]["environment"]["SO8T_STACK_DIR"]
-        first = commands[0]
+        assert wrapper_args(s[name]).config == wrapper_args(s["dataset"]).config  # one profile, one stack dir
+        first = jobs[0].commands[0]
         outputs[name] = {"dataset": lambda a: opt(a, "--output"),
                          "trainer": lambda a: opt(a, "--output-dir") + "/final",
                          "baker": lambda a: opt(a, "--output"),
                          "converter": lambda a: opt(a, "--output-dir"),
                          "ollama-import": lambda a: opt(a, "--run-dir")}[name](first)
     for up, down in zip(STAGES, STAGES[1:]):
-        wrapper, _ = stage_commands(s[down])
-        assert wrapper.after == [f"{up}={outputs[up]}"], down
-    assert stage_commands(s["dataset"])[0].after == []
+        first = stage_jobs(s[down])[0]
+        assert [(u.name, str(u.manifest_dir)) for u in first.upstreams] == [(CHAIN[up][-1], outputs[up])], down
+    assert stage_jobs(s["dataset"])[0].upstreams == []
+    smoke = stage_jobs(s["ollama-import"])[1]
+    assert [u.name for u in smoke.upstreams] == ["ollama-import"]  # the import just before it, in this container
 
 
 def test_stage_inputs_are_their_upstreams_outputs(config):
@@ -256,14 +293,15 @@ def test_stage_inputs_are_their_upstreams_outputs(config):
     assert opt(bake, "--trained") == opt(train, "--output-dir") + "/final"
     assert opt(conv, "--model") == opt(bake, "--output")
     name = opt(conv, "--name")
-    types = opt(conv, "--types", len(GGUF_TYPES))
+    types = flags.parse(ConvertOptions, parsed(conv)).types
     assert types == list(GGUF_TYPES)
     assert opt(imp, "--gguf", len(types)) == [f"{opt(conv, '--output-dir')}/{gguf_name(name, t)}" for t in types]
     assert opt(imp, "--model") == name
     assert opt(smoke, "--model") == f"{name}:{ollama_tag('Q4_K_M')}"
     assert opt(smoke, "--output") == opt(imp, "--run-dir")
-    assert opt(argv_of(s["think-api"]), "--model") == f"{name}:{ollama_tag('Q4_K_M')}"
-    assert opt(argv_of(s["think-api"]), "--format") == opt(imp, "--format") == opt(ds, "--format")
+    api = serve_command(s["think-api"])
+    assert opt(api, "--model") == f"{name}:{ollama_tag('Q4_K_M')}" and opt(api, "--backend") == "ollama"
+    assert opt(api, "--format") == opt(imp, "--format") == flags.parse(DatasetOptions, parsed(ds)).format
 
 
 # ---- every command a service runs is a real CLI entry --------------------------------------------------------
@@ -274,7 +312,7 @@ def _commands(config) -> list[tuple[str, list[str]]]:
         svc = config["services"][name]
         if "build" not in svc:
             continue  # the official Ollama image runs its own entrypoint
-        wrapper, commands = stage_commands(svc)
+        commands = [serve_command(svc)] if wrapper_args(svc).serve else stage_commands(svc)[1]
         out += [(name, argv) for argv in commands]
     return out
 
@@ -283,7 +321,7 @@ def test_every_service_command_is_a_real_cli_entry(config):
     seen = []
     skipped = []
     for name, argv in _commands(config):
-        assert argv[:2] == ["python", "-m"], f"{name}: {argv}"
+        assert argv[:2] == [sys.executable, "-m"], f"{name}: {argv}"  # the wrapper's interpreter (the image's)
         module = argv[2]
         assert re.fullmatch(r"services\.\w+", module), f"{name}: {module}"
         if importlib.util.find_spec(f"{module}.cli") is None:
@@ -321,32 +359,48 @@ def test_extra_run_arguments_go_to_the_stage_command(config):
 # ---- the profiles' settings: configs/pipeline/<profile>.yaml and compose.yaml agree -----------------------------
 
 @pytest.mark.parametrize("profile", ["full", "fast"])
-def test_compose_matches_the_pipeline_profile(compose_bin, empty_env_file, profile):
+def test_compose_runs_the_profile_chain(compose_bin, empty_env_file, profile):
+    """SO8T_PROFILE picks configs/pipeline/<profile>.yaml, and each service runs exactly that plan's stages."""
     from services.pipeline.config import PipelineConfig
+    from services.pipeline.plan import plan
     from shared.config import load_config
 
     cfg = load_config(PipelineConfig, REPO / "configs" / "pipeline" / f"{profile}.yaml")
-    env = {"SO8T_PROFILE": profile, "MODEL_NAME": cfg.convert.name}
-    s = rendered(compose_bin, empty_env_file, env=env)["services"]
-    layout = Layout(Path("/data"))
-    run = layout.run(cfg.run_id)
+    s = rendered(compose_bin, empty_env_file, env={"SO8T_PROFILE": profile})["services"]
+    chain = {st.name: [list(c) for c in st.commands] for st in plan(cfg, CONTAINER)}
+    for service, names in CHAIN.items():
+        assert wrapper_args(s[service]).config == f"configs/pipeline/{profile}.yaml", service
+        assert [j.commands for j in stage_jobs(s[service])] == [chain[n] for n in names], service
+    assert wrapper_args(s["think-api"]).config == f"configs/pipeline/{profile}.yaml"
+    run = CONTAINER.run(cfg.run_id)
     ds = stage_commands(s["dataset"])[1][0]
-    assert [opt(ds, "--input")] == cfg.dataset.inputs
-    assert opt(ds, "--output") == str(layout.dataset(cfg.dataset.id))
-    assert opt(ds, "--format") == cfg.dataset.format
+    assert [opt(ds, "--input")] == [str(CONTAINER.input_glob)] and opt(ds, "--output") == str(
+        CONTAINER.dataset(cfg.dataset.id))
+    assert flags.parse(DatasetOptions, parsed(ds)).format == cfg.dataset.format
     train = stage_commands(s["trainer"])[1][0]
     assert opt(train, "--config") == cfg.train.config
     assert opt(train, "--base-model") == cfg.train.base_model
     assert opt(train, "--output-dir") == str(run.train)
-    assert stage_commands(s["baker"])[1][0][-2:] == ["--dtype", cfg.bake.dtype]
-    assert opt(stage_commands(s["baker"])[1][0], "--output") == str(run.baked)
+    bake = stage_commands(s["baker"])[1][0]
+    assert flags.parse(BakeOptions, parsed(bake)) == cfg.bake and opt(bake, "--output") == str(run.baked)
     conv = stage_commands(s["converter"])[1][0]
-    assert opt(conv, "--types", len(cfg.convert.types)) == list(cfg.convert.types)
+    assert flags.parse(ConvertOptions, parsed(conv)).types == list(cfg.convert.types)
     assert opt(conv, "--output-dir") == str(run.gguf)
     imp, smoke = stage_commands(s["ollama-import"])[1]
     assert opt(imp, "--model") == cfg.ollama.model and opt(imp, "--run-dir") == str(run.ollama)
-    assert opt(smoke, "--model") == f"{cfg.ollama.model}:{ollama_tag(cfg.ollama.smoke_type)}"
-    assert s["trainer"]["environment"]["SO8T_STACK_DIR"] == str(run.root / "stack")
+    assert opt(smoke, "--model") == f"{cfg.ollama.model}:{ollama_tag(cfg.serve.gguf_type)}"
+    assert profile_jobs(str(REPO / wrapper_args(s["trainer"]).config), ["train"], [], CONTAINER)[1] == run.stack
+
+
+def test_stage_options_round_trip_through_the_command_line():
+    """The plan's stage commands carry every profile option: parsed back, they give the profile's own values."""
+    for opts in (BakeOptions(dtype="float32", noise_margin=2.5),
+                 ConvertOptions(types=["Q4_K_M"], thresholds={"Q8_0": {"max_abs": 0.2}}, token_check="fail"),
+                 DatasetOptions(format="quadruple", val_ratio=0.1, min_quality=0.3)):
+        p = argparse.ArgumentParser(exit_on_error=False)
+        flags.add(p, type(opts))
+        assert flags.parse(type(opts), p.parse_args(flags.to_argv(opts))) == opts
+        assert flags.to_argv(type(opts)()) == []  # defaults need no flag
 
 
 def test_trainer_configs_exist_for_each_profile(config):

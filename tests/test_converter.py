@@ -16,12 +16,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
 from services.converter import header, hf_to_gguf, reference
 from services.converter.compare import DEFAULT_THRESHOLDS, Thresholds
-from services.converter.convert import STAGE, CheckFailed, ConvertError, ConvertOptions, check_file, convert, stage_config
+from services.converter.convert import (
+    STAGE,
+    CheckFailed,
+    ConvertError,
+    ConvertOptions,
+    check_file,
+    convert,
+    gguf_files,
+    stage_config,
+)
 from services.converter.report import table
 from shared import manifest
 from shared.config import config_hash
@@ -127,7 +137,7 @@ def trained_cli(tmp_path_factory, tiny_model_dir, converted):
 def test_produces_exactly_the_three_files(converted):
     names = {f"{NAME}-{t}.gguf" for t in TYPES}
     assert {p.name for p in converted.output.iterdir()} == names | {"manifest.json"}  # no temp file left
-    assert {t: p.name for t, p in converted.files.items()} == {t: f"{NAME}-{t}.gguf" for t in TYPES}
+    assert {t: p.name for t, p in gguf_files(converted).items()} == {t: f"{NAME}-{t}.gguf" for t in TYPES}
     m = manifest.read(converted.output)
     assert m == converted.manifest and m["stage"] == STAGE
     assert list(m["outputs"]) == list(m["metrics"]["types"]) == list(TYPES)
@@ -154,10 +164,10 @@ def test_logits_within_the_issue_figures(converted):
 def test_headers(converted, tiny_model_dir):
     exp = header.Expected.from_model_dir(tiny_model_dir)
     assert exp.block_count == 2 and exp.context_length == 131072 and exp.longrope["original_context_length"] == 4096
-    for t, path in converted.files.items():
+    for t, path in gguf_files(converted).items():
         s = converted.manifest["metrics"]["types"][t]["header"]
         assert s["architecture"] == "phi3" and s["block_count"] == 2 and s["context_length"] == 131072
-        assert s["file_type"] == GGUF_FILE_TYPES[t]
+        assert s["file_type"] == int(gguf.LlamaFileType[GGUF_FILE_TYPES[t]])
         assert s["rope_original_context_length"] == 4096
         assert s["rope_attn_factor"] == pytest.approx(exp.longrope["attn_factor"], abs=1e-6)
         assert s["rope_factor_tensors"] == ["long", "short"] and s["chat_template"] and s["vocab"] == 32064
@@ -214,7 +224,7 @@ def test_real_tokenizer_tokens_match(tmp_path, tiny_model_dir, real_tokenizer_di
     res = convert(model, tmp_path / "out", "tiny-real-tok", _opts(types=["F16"], token_check="fail"))
     rep = res.manifest["metrics"]["types"]["F16"]
     assert rep["tokens"]["match"] and rep["tokens"]["hf_count"] == rep["tokens"]["llama_count"]
-    assert [p.name for p in res.files.values()] == ["tiny-real-tok-F16.gguf"]
+    assert [p.name for p in gguf_files(res).values()] == ["tiny-real-tok-F16.gguf"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,7 +243,7 @@ def _corrupt(path: Path, tensor: str, value: float) -> None:
 
 def test_corrupted_tensor_fails_on_logits(tmp_path, converted, tiny_reference, tiny_model_dir):
     bad = tmp_path / "bad-F16.gguf"
-    shutil.copy(converted.files["F16"], bad)
+    shutil.copy(gguf_files(converted)["F16"], bad)
     _corrupt(bad, "blk.0.attn_output.weight", 4.0)
     exp = header.Expected.from_model_dir(tiny_model_dir)
     with pytest.raises(CheckFailed) as err:
@@ -250,17 +260,17 @@ def test_corrupted_tensor_fails_on_logits(tmp_path, converted, tiny_reference, t
 def test_header_mismatch_fails_before_running(converted, tiny_reference, tiny_model_dir):
     exp = header.Expected.from_model_dir(tiny_model_dir)
     with pytest.raises(CheckFailed) as err:
-        check_file(converted.files["F16"], "F16", tiny_reference, dataclasses.replace(exp, block_count=3), _opts())
+        check_file(gguf_files(converted)["F16"], "F16", tiny_reference, dataclasses.replace(exp, block_count=3), _opts())
     assert "phi3.block_count is 2, expected 3" in err.value.reasons
     assert "tensor blk.2.attn_norm.weight missing" in err.value.reasons
     assert "logits" not in err.value.report
     with pytest.raises(CheckFailed, match="general.file_type is 1, expected 7"):
-        check_file(converted.files["F16"], "Q8_0", tiny_reference, exp, _opts())
+        check_file(gguf_files(converted)["F16"], "Q8_0", tiny_reference, exp, _opts())
 
 
 def test_check_header_flags_foreign_and_missing_tensors(converted, tiny_model_dir):
     exp = header.Expected.from_model_dir(tiny_model_dir)
-    h = header.read_header(converted.files["Q8_0"])
+    h = header.read_header(gguf_files(converted)["Q8_0"])
     h.tensors["blk.0.so8_gate.weight"] = ("F32", (8, 8))
     h.tensors["blk.1.attn_output.lora_a.weight"] = ("F32", (8, 256))
     h.tensors["blk.0.mystery.weight"] = ("F32", (8,))
@@ -285,7 +295,7 @@ def test_check_header_flags_foreign_and_missing_tensors(converted, tiny_model_di
 def test_unchanged_inputs_skip_without_touching_files(converted, tiny_model_dir):
     before = _snapshot(converted.output)
     res = convert(tiny_model_dir, converted.output, NAME, _opts())
-    assert res.skipped and res.manifest == converted.manifest and res.files == converted.files
+    assert res.skipped and res.manifest == converted.manifest and gguf_files(res) == gguf_files(converted)
     assert _snapshot(converted.output) == before
     # threads change no output: still up to date
     assert convert(tiny_model_dir, converted.output, NAME, ConvertOptions(threads=1)).skipped

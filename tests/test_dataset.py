@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from services.dataset.build import DatasetOptions, InputError, build
-from services.dataset.thinking import derive
 from services.dataset.records import parse_line
+from services.dataset.thinking import derive
 from shared.think_format import parse
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.pet import DEFAULT_PHASES, Phase, PetSchedule, pet_loss
+from shared.pet import DEFAULT_PHASES, PetSchedule, Phase, pet_loss
 
 
 def test_pet_matches_a_hand_computation():

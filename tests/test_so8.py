@@ -78,7 +78,7 @@ def test_fold_rejects_mismatched_sizes():
 
 def test_gates_file_round_trip_and_corruption(tmp_path):
     gates = {0: torch.randn(4, 8, 8), 3: torch.randn(4, 8, 8)}
-    path = tmp_path / so8.GATES_FILE
+    path = tmp_path / "so8t_gates.safetensors"
     so8.save_gates(path, gates, hidden_size=32)
     back, meta = so8.load_gates(path)
     assert sorted(back) == [0, 3] and all(torch.equal(back[i], gates[i]) for i in gates)

@@ -2,7 +2,14 @@
 import pytest
 
 from shared.think_format import (
-    FORMATS, PHI35_CHAT_TEMPLATE, Thinking, parse, render_assistant, render_chat, system_prompt, verdict_line,
+    FORMATS,
+    PHI35_CHAT_TEMPLATE,
+    Thinking,
+    parse,
+    render_assistant,
+    render_chat,
+    system_prompt,
+    verdict_line,
 )
 
 THINKING = Thinking(

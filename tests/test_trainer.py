@@ -383,7 +383,7 @@ def test_objective_lm_term_equals_transformers_loss(tiny_model_dir, tiny_tokeniz
 
 def test_lora_targets_missing_from_the_model_are_rejected(tiny_model_dir):
     from services.trainer.config import LoraSection
-    from services.trainer.model import ModelError, add_lora, load_base, linear_names
+    from services.trainer.model import ModelError, add_lora, linear_names, load_base
 
     base = load_base(_model_cfg("none"), str(tiny_model_dir), torch.device("cpu"))
     assert linear_names(base) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}

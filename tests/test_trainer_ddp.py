@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from shared.so8 import GATES_FILE, load_gates
 from test_trainer import REPO, tiny_train_config, trainer_cmd, write_dataset
+
+from services.trainer.artifact import GATES as GATES_FILE
+from shared.so8 import load_gates
 
 pytestmark = pytest.mark.slow
 

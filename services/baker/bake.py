@@ -8,48 +8,28 @@ directory replaces the output as a whole. Any failure removes the staging direct
 from __future__ import annotations
 
 import json
-import re
 import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import Field
+from typing import Any
 
 from services.baker import inputs as bake_inputs
 from services.baker.inputs import BakeInputError, BakeInputs
-from services.baker.verify import PROMPTS, AttachGates, Thresholds, verify
+from services.baker.options import BakeOptions
+from services.baker.verify import PROMPTS, AttachGates, verify
 from services.baker.weights import DTYPES, Fold, tensor_names, write_weights
-from shared import atomic, logs, manifest
-from shared.config import StrictModel, config_hash
+from shared import atomic, logs, manifest, stage
+from shared.config import config_hash
+from shared.phi3 import NON_STOCK_TENSOR
 from shared.so8 import CONVENTION, fold_into_weight, rotation_stats
 
 log = logs.get("bake")
 BAKER_VERSION = 1
 STAGE = "bake"
-# tensor names that would betray a non-stock model: the gate parameters, LoRA leftovers, anything SO8T
-FORBIDDEN_NAME = re.compile(r"so8|lora|(^|\.)gates?(\.|$)|rotation", re.IGNORECASE)
 
-
-class BakeOptions(StrictModel):
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    max_shard_gb: float = Field(2.0, gt=0)
-    max_logit_diff: float = Field(1e-3, gt=0)   # float32 bound; low-precision bounds add noise_margin x rounding
-    max_kl: float = Field(1e-6, gt=0)
-    noise_margin: float = Field(4.0, ge=1)
-
-    def thresholds(self) -> Thresholds:
-        return Thresholds(self.max_logit_diff, self.max_kl, self.noise_margin)
-
-
-@dataclass
-class Result:
-    skipped: bool
-    output: Path
-    manifest: dict[str, Any]
+__all__ = ["BakeOptions", "bake", "plain_config"]
 
 
 def _peak_rss_mib() -> float:
@@ -95,14 +75,14 @@ def generation_config(base: Path, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_names(out: Path) -> None:
-    bad = [n for n in tensor_names(out) if FORBIDDEN_NAME.search(n)]
+    bad = [n for n in tensor_names(out) if NON_STOCK_TENSOR.search(n)]
     if bad:
         raise BakeInputError(f"{out}: non-stock tensor names in the baked model: {bad[:5]} (does the base "
                              "carry SO8T or LoRA tensors?)")
 
 
-def _config_record(opts: BakeOptions, inp: BakeInputs) -> tuple[dict[str, Any], str]:
-    config = {
+def _config_record(opts: BakeOptions, inp: BakeInputs) -> dict[str, Any]:
+    return {
         "baker_version": BAKER_VERSION,
         **opts.model_dump(),
         "base_model": inp.base.name,
@@ -111,7 +91,6 @@ def _config_record(opts: BakeOptions, inp: BakeInputs) -> tuple[dict[str, Any], 
         "verification_prompts_sha256": config_hash(PROMPTS),
         "convention": CONVENTION,
     }
-    return config, config_hash(config)
 
 
 def _check_base_hash(inp: BakeInputs, base_sha: str) -> None:
@@ -126,44 +105,44 @@ def _check_base_hash(inp: BakeInputs, base_sha: str) -> None:
 
 
 def bake(trained: str | Path, output: str | Path, opts: BakeOptions = BakeOptions(), base: str | None = None,
-         force: bool = False, fold: Fold = fold_into_weight, attach: AttachGates | None = None) -> Result:
+         force: bool = False, fold: Fold = fold_into_weight, attach: AttachGates | None = None) -> stage.StageResult:
     """Bake `trained` into `output`. `fold` and `attach` are injectable for tests (a wrong fold must be caught)."""
     started = time.time()
-    output = Path(output)
     inp = bake_inputs.load(trained, base)
     log.info("base %s (%s), %d LoRA pairs (r=%s, alpha=%s), gates on layers %s", inp.base.name, inp.base.path,
              len(inp.lora), inp.lora_config["r"], inp.lora_config["alpha"], sorted(inp.gates))
     described = {"trained": manifest.describe_input(inp.trained), "base": manifest.describe_input(inp.base.path)}
     _check_base_hash(inp, described["base"]["sha256"])
-    config, config_hash = _config_record(opts, inp)
-    if not force and manifest.is_up_to_date(output, STAGE, described, config_hash):
-        log.info("%s is up to date (manifest matches inputs and config): skipped", output)
-        return Result(True, output, manifest.read(output) or {})
+    spec = stage.Spec(STAGE, Path(output), described, _config_record(opts, inp))
+    result = stage.run(spec, lambda tmp: _write(inp, tmp, opts, fold, attach), force, started)
+    if not result.skipped:
+        log.info("baked model written to %s in %.1f s", result.output, time.time() - started)
+    return result
+
+
+def _write(inp: BakeInputs, tmp: Path, opts: BakeOptions, fold: Fold, attach: AttachGates | None) -> stage.Built:
+    """The merged and folded weights, plain config and tokenizer into `tmp`, then the verification."""
     dtype = DTYPES[opts.dtype]
     timings: dict[str, float] = {}
-    with atomic.staging_dir(output) as tmp:
-        t0 = time.time()
-        weights = write_weights(inp, tmp, dtype, int(opts.max_shard_gb * 2**30), fold)
-        cfg = plain_config(inp.base.config, opts.dtype)
-        atomic.write_json(tmp / "config.json", cfg)
-        atomic.write_json(tmp / "generation_config.json", generation_config(inp.base.path, cfg))
-        tokenizer = copy_tokenizer(inp.base.path, tmp)
-        check_names(tmp)
-        timings["write_s"], rss_write = round(time.time() - t0, 2), _peak_rss_mib()
-        t0 = time.time()
-        report = verify(tmp, inp.base.path, inp.trained, inp.gates, dtype, opts.thresholds(), attach)
-        timings["verify_s"] = round(time.time() - t0, 2)
-        metrics = {
-            "verification": report,
-            "rotation_stats": {str(i): rotation_stats(A) for i, A in sorted(inp.gates.items())},
-            "lora": inp.lora_config,
-            "weights": weights,
-            "timings": timings,
-            "peak_rss_mib": {"after_write": rss_write, "after_verify": _peak_rss_mib()},
-        }
-        outputs = {"files": sorted(p.name for p in tmp.iterdir() if p.is_file()), "dtype": opts.dtype,
-                   "tokenizer_files": tokenizer, "architecture": "Phi3ForCausalLM"}
-        m = manifest.build(STAGE, described, config, config_hash, started, metrics, outputs)
-        manifest.write(tmp, m)
-    log.info("baked model written to %s in %.1f s", output, time.time() - started)
-    return Result(False, output, m)
+    t0 = time.time()
+    weights = write_weights(inp, tmp, dtype, int(opts.max_shard_gb * 2**30), fold)
+    cfg = plain_config(inp.base.config, opts.dtype)
+    atomic.write_json(tmp / "config.json", cfg)
+    atomic.write_json(tmp / "generation_config.json", generation_config(inp.base.path, cfg))
+    tokenizer = copy_tokenizer(inp.base.path, tmp)
+    check_names(tmp)
+    timings["write_s"], rss_write = round(time.time() - t0, 2), _peak_rss_mib()
+    t0 = time.time()
+    report = verify(tmp, inp.base.path, inp.trained, inp.gates, dtype, opts, attach)
+    timings["verify_s"] = round(time.time() - t0, 2)
+    metrics = {
+        "verification": report,
+        "rotation_stats": {str(i): rotation_stats(A) for i, A in sorted(inp.gates.items())},
+        "lora": inp.lora_config,
+        "weights": weights,
+        "timings": timings,
+        "peak_rss_mib": {"after_write": rss_write, "after_verify": _peak_rss_mib()},
+    }
+    outputs = {"files": sorted(p.name for p in tmp.iterdir() if p.is_file()), "dtype": opts.dtype,
+               "tokenizer_files": tokenizer, "architecture": "Phi3ForCausalLM"}
+    return stage.Built(metrics, outputs)

@@ -2,23 +2,18 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from services.baker.options import BakeOptions
+from shared import flags
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trained", required=True, metavar="DIR",
                    help="the trainer's final artifact (<run>/train/final: adapter, so8t_gates.safetensors, manifest)")
     p.add_argument("--output", required=True, metavar="DIR", help="baked model directory (replaced atomically)")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                   help="saved weight dtype (default bfloat16); merge and fold always run in float32")
     p.add_argument("--base", default=None, metavar="NAME_OR_DIR",
                    help="base model (hub id or directory); default: base_model from the trained manifest")
-    p.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size limit (default 2 GiB)")
-    p.add_argument("--max-logit-diff", type=float, default=1e-3,
-                   help="float32 bound on max |logit difference| vs the trained model (default 1e-3)")
-    p.add_argument("--max-kl", type=float, default=1e-6, help="float32 bound on the mean KL (default 1e-6)")
-    p.add_argument("--noise-margin", type=float, default=4.0,
-                   help="bfloat16/float16: allowed multiple of what rounding to that dtype alone costs (default 4)")
+    flags.add(p, BakeOptions)
     p.add_argument("--force", action="store_true", help="bake even when the manifest says the output is up to date")
 
 
@@ -40,29 +35,9 @@ def _summary(m: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.baker.bake import BakeOptions, bake
-    from services.baker.inputs import BakeInputError
-    from services.baker.verify import VerificationFailed
-    from services.baker.weights import NonFiniteError
-    from shared.config import validate
+    from services.baker.bake import bake
 
-    opts = validate(BakeOptions, {"dtype": args.dtype, "max_shard_gb": args.max_shard_gb,
-                                  "max_logit_diff": args.max_logit_diff, "max_kl": args.max_kl,
-                                  "noise_margin": args.noise_margin}, "command line")
-    try:
-        result = bake(args.trained, args.output, opts, base=args.base, force=args.force)
-    except BakeInputError as err:
-        print(f"so8t bake: {err}\nnothing was written to {args.output}", file=sys.stderr)
-        return 2
-    except NonFiniteError as err:
-        print(f"so8t bake: {err}\nthe previous {args.output} is untouched", file=sys.stderr)
-        return 1
-    except VerificationFailed as err:
-        r = err.report
-        print(f"so8t bake: verification FAILED: {err}\n"
-              f"  baked vs trained: {r['baked_vs_gated']}\n  un-rotated merge vs trained: {r['unrotated_vs_gated']}\n"
-              f"the previous {args.output} is untouched", file=sys.stderr)
-        return 1
+    result = bake(args.trained, args.output, flags.parse(BakeOptions, args), base=args.base, force=args.force)
     if result.skipped:
         print(f"{result.output}: up to date (manifest matches inputs), skipped")
     else:

@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.trainer.artifact import ADAPTER_CONFIG, ADAPTER_WEIGHTS, GATES
 from shared import phi3
+from shared.errors import InputError
 from shared.manifest import MANIFEST
-from shared.so8 import BLOCK, GATES_FILE
+from shared.so8 import BLOCK
 
 # The complete Phi-3.5 tokenizer, as Microsoft ships it; copied verbatim into the baked model.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
 OPTIONAL_TOKENIZER_FILES = ("chat_template.jinja",)
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SINGLE_WEIGHTS = "model.safetensors"
 # what a hub download of the base needs (the trainer's download usually already put it in the HF cache)
@@ -37,7 +37,7 @@ _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, 
                 "trainable_token_indices": None, "target_parameters": None}
 
 
-class BakeInputError(ValueError):
+class BakeInputError(InputError, ValueError):
     """An input of the bake is missing, malformed, or does not belong with the others (message names the file)."""
 
 
@@ -213,7 +213,7 @@ def check_tokenizer(path: Path) -> None:
 def _load_gates(trained: Path, manifest: dict[str, Any], base: BaseModel) -> dict[int, Any]:
     from shared.so8 import load_gates
 
-    path = trained / GATES_FILE
+    path = trained / GATES
     try:
         gates, meta = load_gates(path)
     except (FileNotFoundError, ValueError) as err:

@@ -7,19 +7,21 @@ baked model is loaded. On the reference the same forward also gives
   gated model shows how much the rotation matters (a bake that forgot the fold would land there);
 - `dtype_noise` (bfloat16/float16 outputs only): the reference with its base weights rounded as a correct bake
   rounds them (`round_like_bake`), without using the fold. That is what rounding alone costs, and it sets the
-  bar for a low-precision bake (see `Thresholds`).
+  bar for a low-precision bake (see `BakeOptions`).
 """
 from __future__ import annotations
 
 import gc
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from services.baker.options import BakeOptions
 from shared import logs
+from shared.errors import CheckFailed
 from shared.think_format import Thinking, render_assistant, render_chat
 
 log = logs.get("bake")
@@ -50,28 +52,13 @@ PROMPTS: tuple[tuple[dict[str, str], ...], ...] = (
 AttachGates = Callable[..., dict[int, Any]]
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """When a bake passes. float32: fixed bounds (the bake differs only by summation order). bfloat16/float16:
-    the bake may differ by rounding, so the bounds are `noise_margin` × what rounding the reference's weights to
-    that dtype costs (measured on the same prompts), plus the float32 bounds. A wrong or missing fold moves the
-    logits by about the `unrotated` figure, far beyond either bound unless the gates are near the identity."""
+class VerificationFailed(CheckFailed):
+    """The baked model does not compute the trained function; `report` has the figures."""
 
-    max_abs_logit_diff: float = 1e-3
-    max_kl: float = 1e-6
-    noise_margin: float = 4.0
-
-    def bounds(self, noise: dict[str, float] | None) -> dict[str, float]:
-        if noise is None:
-            return {"max_abs_logit_diff": self.max_abs_logit_diff, "kl_mean": self.max_kl}
-        return {"max_abs_logit_diff": self.max_abs_logit_diff + self.noise_margin * noise["max_abs_logit_diff"],
-                "kl_mean": self.max_kl + self.noise_margin * noise["kl_mean"]}
-
-
-class VerificationFailed(RuntimeError):
-    def __init__(self, message: str, report: dict[str, Any]):
-        super().__init__(message)
-        self.report = report
+    def __str__(self) -> str:
+        r = self.report
+        return (f"verification FAILED: {self.args[0]}\n  baked vs trained: {r['baked_vs_gated']}\n"
+                f"  un-rotated merge vs trained: {r['unrotated_vs_gated']}")
 
 
 def default_attach() -> AttachGates:
@@ -174,7 +161,7 @@ def baked_logits(out_dir: Path, ids: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def verify(out_dir: Path, base: Path, trained: Path, gates: dict[int, torch.Tensor], dtype: torch.dtype,
-           thresholds: Thresholds = Thresholds(), attach: AttachGates | None = None) -> dict[str, Any]:
+           opts: BakeOptions = BakeOptions(), attach: AttachGates | None = None) -> dict[str, Any]:
     """Compare the saved model with the model as trained; raises VerificationFailed (with the figures) when a
     bound is exceeded."""
     from transformers import AutoTokenizer
@@ -184,7 +171,7 @@ def verify(out_dir: Path, base: Path, trained: Path, gates: dict[int, torch.Tens
     got = baked_logits(out_dir, ids)
     baked = compare(ref["gated"], got)
     noise = compare(ref["gated"], ref["dtype_noise"]) if "dtype_noise" in ref else None
-    bounds = thresholds.bounds(noise)
+    bounds = opts.bounds(noise)
     report = {
         "prompts": len(ids),
         "baked_vs_gated": baked,
@@ -192,8 +179,8 @@ def verify(out_dir: Path, base: Path, trained: Path, gates: dict[int, torch.Tens
         "dtype_noise_vs_gated": noise,
         "max_abs_reference_logit": max(float(x.abs().max()) for x in ref["gated"]),
         "bounds": bounds,
-        "thresholds": {"max_abs_logit_diff": thresholds.max_abs_logit_diff, "max_kl": thresholds.max_kl,
-                       "noise_margin": thresholds.noise_margin},
+        "thresholds": {"max_abs_logit_diff": opts.max_logit_diff, "max_kl": opts.max_kl,
+                       "noise_margin": opts.noise_margin},
     }
     over = [f"{k} {baked[k]:.3g} > {v:.3g}" for k, v in bounds.items() if not baked[k] <= v]  # NaN fails too
     report["passed"] = not over

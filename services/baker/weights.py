@@ -12,14 +12,15 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 
 from services.baker.inputs import BakeInputs, LoraDelta, o_proj_key
 from shared import logs
+from shared.errors import StageError
 from shared.so8 import fold_into_weight, rotations
 
 log = logs.get("bake")
@@ -34,7 +35,7 @@ _FLOAT_ST = ("F64", "F32", "F16", "BF16")
 Fold = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(StageError, ValueError):
     """A NaN or Inf in a baked tensor (or in the base tensor it came from)."""
 
 
@@ -88,7 +89,7 @@ def shard_names(count: int) -> list[str]:
 
 
 def bake_tensor(W: torch.Tensor, lora: LoraDelta | None, R: torch.Tensor | None, fold: Fold = fold_into_weight) -> torch.Tensor:
-    """W' = (W + scaling · B @ A) @ blockdiag(R), all in float32 (DESIGN.md: merge first, then fold)."""
+    """W' = (W + scaling · B @ A) @ blockdiag(R), all in float32 (docs/design.md: merge first, then fold)."""
     W = W.float()
     if lora is not None:
         W = W + lora.scaling * (lora.B @ lora.A)

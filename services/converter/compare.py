@@ -24,33 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from pydantic import Field
+from services.converter.options import DEFAULT_THRESHOLDS, Thresholds
 
-from shared.config import StrictModel
+__all__ = ["DEFAULT_THRESHOLDS", "DECISIVE_MARGIN", "Thresholds", "compare", "failures"]
 
 DECISIVE_MARGIN = 1.0
-
-
-class Thresholds(StrictModel):
-    """Per-type bounds: max |logit diff| <= max(max_abs, rel_max_abs x largest |HF logit|); mean KL(HF || GGUF)
-    per position <= kl; top-1 agreement on decisive positions >= top1_decisive."""
-
-    max_abs: float = Field(gt=0)
-    rel_max_abs: float = Field(ge=0)
-    kl: float = Field(gt=0)
-    top1_decisive: float = Field(1.0, ge=0, le=1)
-
-    def max_abs_bound(self, reference_max: float) -> float:
-        return max(self.max_abs, self.rel_max_abs * reference_max)
-
-
-# About 2x the largest ratios measured above (F16's mean |diff| stays ~1e-4 and its KL ~1e-7 throughout); KL bounds far above the tiny model's (3e-8 / 2e-5 / 3e-2 at most) and
-# far below a broken file's.
-DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
-    "F16": Thresholds(max_abs=5e-3, rel_max_abs=5e-3, kl=1e-3, top1_decisive=1.0),
-    "Q8_0": Thresholds(max_abs=0.1, rel_max_abs=0.05, kl=1e-2, top1_decisive=1.0),
-    "Q4_K_M": Thresholds(max_abs=0.6, rel_max_abs=0.4, kl=0.1, top1_decisive=0.95),
-}
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -10,16 +10,18 @@ from __future__ import annotations
 import collections
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gguf
+from gguf import Keys
+
 from services.converter.hf_to_gguf import PHI3_NAME_MARKERS
 from shared.layout import GGUF_FILE_TYPES
+from shared.phi3 import NON_STOCK_TENSOR
 
 ARCH = "phi3"
-FORBIDDEN = re.compile(r"lora|so8|gate|rotation", re.IGNORECASE)
 _BLOCK = ("attn_norm", "attn_output", "ffn_norm", "ffn_up", "ffn_down")
 _QKV_SPLIT = ("attn_q", "attn_k", "attn_v")
 
@@ -40,7 +42,7 @@ class Expected:
     chat_template: str | None
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "Expected":
+    def from_model_dir(cls, model_dir: str | Path) -> Expected:
         model_dir = Path(model_dir)
         cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
         rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
@@ -87,13 +89,11 @@ class Header:
 
 
 def read_header(path: str | Path) -> Header:
-    import gguf
-
     reader = gguf.GGUFReader(str(path))
     fields: dict[str, Any] = {}
     n_tokens = 0
     for key, f in reader.fields.items():
-        if key == "tokenizer.ggml.tokens":
+        if key == Keys.Tokenizer.LIST:
             n_tokens = len(f.data)
         elif not key.startswith("tokenizer.ggml.") or len(f.data) <= 1:  # skip the big vocabulary arrays
             fields[key] = f.contents()
@@ -108,8 +108,6 @@ def read_header(path: str | Path) -> Header:
 
 def expected_tensors(exp: Expected) -> tuple[set[str], list[str]]:
     """(allowed, required) tensor names of a Phi-3 this shape; attention is fused qkv (as Phi-3 ships) or split."""
-    import gguf
-
     names = [gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.PHI3]]
     allowed = {n.format(bid=b) + ".weight" for n in names for b in range(exp.block_count)}
     required = ["token_embd.weight", "output_norm.weight"]
@@ -130,31 +128,31 @@ def check_header(h: Header, exp: Expected, qtype: str) -> list[str]:
         if got != value:
             bad.append(f"{key.format(arch=ARCH)} is {got!r}, expected {value!r}")
 
-    if h.fields.get("general.architecture") != ARCH:
-        return [f"general.architecture is {h.fields.get('general.architecture')!r}, expected {ARCH!r}"]
-    want("{arch}.block_count", exp.block_count)
-    want("{arch}.context_length", exp.context_length)
-    want("{arch}.embedding_length", exp.embedding_length)
-    want("{arch}.feed_forward_length", exp.feed_forward_length)
-    want("{arch}.attention.head_count", exp.head_count)
-    want("{arch}.attention.head_count_kv", exp.head_count_kv)
-    want("general.file_type", GGUF_FILE_TYPES[qtype])
-    name = str(h.fields.get("general.name", ""))
+    if h.fields.get(Keys.General.ARCHITECTURE) != ARCH:
+        return [f"{Keys.General.ARCHITECTURE} is {h.fields.get(Keys.General.ARCHITECTURE)!r}, expected {ARCH!r}"]
+    want(Keys.LLM.BLOCK_COUNT, exp.block_count)
+    want(Keys.LLM.CONTEXT_LENGTH, exp.context_length)
+    want(Keys.LLM.EMBEDDING_LENGTH, exp.embedding_length)
+    want(Keys.LLM.FEED_FORWARD_LENGTH, exp.feed_forward_length)
+    want(Keys.Attention.HEAD_COUNT, exp.head_count)
+    want(Keys.Attention.HEAD_COUNT_KV, exp.head_count_kv)
+    want(Keys.General.FILE_TYPE, int(gguf.LlamaFileType[GGUF_FILE_TYPES[qtype]]))
+    name = str(h.fields.get(Keys.General.NAME, ""))
     if not any(m in name.lower() for m in PHI3_NAME_MARKERS):
-        bad.append(f"general.name {name!r} lacks 'phi-3'/'phi3': llama.cpp would not strip after special tokens")
+        bad.append(f"{Keys.General.NAME} {name!r} lacks 'phi-3'/'phi3': llama.cpp would not strip after special tokens")
     if h.n_tokens != exp.vocab_size:
-        bad.append(f"tokenizer.ggml.tokens has {h.n_tokens} entries, expected the model's vocab_size {exp.vocab_size}")
-    tmpl = h.fields.get("tokenizer.chat_template")
+        bad.append(f"{Keys.Tokenizer.LIST} has {h.n_tokens} entries, expected the model's vocab_size {exp.vocab_size}")
+    tmpl = h.fields.get(Keys.Tokenizer.CHAT_TEMPLATE)
     if not tmpl:
-        bad.append("tokenizer.chat_template missing")
+        bad.append(f"{Keys.Tokenizer.CHAT_TEMPLATE} missing")
     elif exp.chat_template is not None and tmpl != exp.chat_template:
-        bad.append("tokenizer.chat_template differs from the HF tokenizer's chat template")
+        bad.append(f"{Keys.Tokenizer.CHAT_TEMPLATE} differs from the HF tokenizer's chat template")
     if exp.longrope:
         lr = exp.longrope
-        want("{arch}.rope.scaling.original_context_length", lr["original_context_length"])
-        attn = h.get("{arch}.rope.scaling.attn_factor")
+        want(Keys.Rope.SCALING_ORIG_CTX_LEN, lr["original_context_length"])
+        attn = h.get(Keys.Rope.SCALING_ATTN_FACTOR)
         if attn is None or abs(attn - lr["attn_factor"]) > 1e-5:
-            bad.append(f"{ARCH}.rope.scaling.attn_factor is {attn!r}, expected {lr['attn_factor']:.6f}")
+            bad.append(f"{Keys.Rope.SCALING_ATTN_FACTOR.format(arch=ARCH)} is {attn!r}, expected {lr['attn_factor']:.6f}")
         for kind in ("long", "short"):
             got, ref = h.rope_factors.get(kind), lr[f"{kind}_factor"]
             if got is not None and (len(got) != len(ref) or any(abs(a - b) > 1e-6 * max(1, abs(b))
@@ -162,7 +160,7 @@ def check_header(h: Header, exp: Expected, qtype: str) -> list[str]:
                 bad.append(f"rope_factors_{kind}.weight differs from the config's {kind}_factor")
     allowed, required = expected_tensors(exp)
     for tname in sorted(h.tensors):
-        if FORBIDDEN.search(tname):
+        if NON_STOCK_TENSOR.search(tname):
             bad.append(f"tensor {tname}: an SO(8) gate or LoRA leftover has no place in a stock Phi-3")
         elif tname not in allowed:
             bad.append(f"tensor {tname}: not a Phi-3 tensor")
@@ -177,15 +175,15 @@ def check_header(h: Header, exp: Expected, qtype: str) -> list[str]:
 def summary(h: Header) -> dict[str, Any]:
     """The header facts the manifest records."""
     return {
-        "architecture": h.fields.get("general.architecture"),
-        "name": h.fields.get("general.name"),
-        "file_type": h.fields.get("general.file_type"),
-        "block_count": h.get("{arch}.block_count"),
-        "context_length": h.get("{arch}.context_length"),
-        "rope_original_context_length": h.get("{arch}.rope.scaling.original_context_length"),
-        "rope_attn_factor": h.get("{arch}.rope.scaling.attn_factor"),
+        "architecture": h.fields.get(Keys.General.ARCHITECTURE),
+        "name": h.fields.get(Keys.General.NAME),
+        "file_type": h.fields.get(Keys.General.FILE_TYPE),
+        "block_count": h.get(Keys.LLM.BLOCK_COUNT),
+        "context_length": h.get(Keys.LLM.CONTEXT_LENGTH),
+        "rope_original_context_length": h.get(Keys.Rope.SCALING_ORIG_CTX_LEN),
+        "rope_attn_factor": h.get(Keys.Rope.SCALING_ATTN_FACTOR),
         "rope_factor_tensors": sorted(h.rope_factors),
-        "chat_template": bool(h.fields.get("tokenizer.chat_template")),
+        "chat_template": bool(h.fields.get(Keys.Tokenizer.CHAT_TEMPLATE)),
         "vocab": h.n_tokens,
         "tensors": len(h.tensors),
         "tensor_types": dict(sorted(collections.Counter(t for t, _ in h.tensors.values()).items())),

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from shared import logs
+from shared.errors import StageError
 
 log = logs.get("convert")
 INSTALL_HINT = "install it with scripts/install-llama-cpp.sh (make venv does)"
@@ -23,8 +24,10 @@ INSTALL_HINT = "install it with scripts/install-llama-cpp.sh (make venv does)"
 PHI3_NAME_MARKERS = ("phi-3", "phi3")
 
 
-class ConvertError(RuntimeError):
+class ConvertError(StageError, RuntimeError):
     """The input is not convertible or llama.cpp's converter failed; the message says which and why."""
+
+    exit_code = 2
 
 
 def llama_cpp_dir() -> Path:

@@ -7,8 +7,9 @@ from n_ctx, HF from the sequence length, so only then do both run the same rotar
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,7 +20,7 @@ DEFAULT_CTX = 512
 
 
 def open_model(gguf: str | Path, n_ctx: int = DEFAULT_CTX, threads: int | None = None,
-               logits_all: bool = True) -> "Llama":
+               logits_all: bool = True) -> Llama:
     """Load `gguf` on the CPU; with `logits_all` every evaluated position keeps its logits (llm.scores)."""
     from llama_cpp import Llama
 
@@ -31,16 +32,16 @@ def open_model(gguf: str | Path, n_ctx: int = DEFAULT_CTX, threads: int | None =
                  logits_all=logits_all, seed=0, verbose=False)
 
 
-def tokenize(llm: "Llama", text: str) -> list[int]:
+def tokenize(llm: Llama, text: str) -> list[int]:
     """llama.cpp's ids for `text`: template tokens parsed as special tokens, no BOS (as the Phi-3.5 template)."""
     return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
 
-def detokenize(llm: "Llama", ids: Iterable[int]) -> str:
+def detokenize(llm: Llama, ids: Iterable[int]) -> str:
     return llm.detokenize(list(ids), special=True).decode("utf-8", errors="replace")
 
 
-def logits(llm: "Llama", ids: Sequence[int]) -> np.ndarray:
+def logits(llm: Llama, ids: Sequence[int]) -> np.ndarray:
     """float32 [len(ids), n_vocab]: the logits llama.cpp computes at each position of `ids` (from a fresh cache)."""
     if len(ids) > llm.n_ctx():
         raise ValueError(f"{len(ids)} tokens do not fit n_ctx={llm.n_ctx()}")
@@ -49,7 +50,7 @@ def logits(llm: "Llama", ids: Sequence[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], dtype=np.float32, copy=True)
 
 
-def greedy(llm: "Llama", prompt_ids: Sequence[int], max_new: int, stop_ids: Iterable[int] = ()) -> list[int]:
+def greedy(llm: Llama, prompt_ids: Sequence[int], max_new: int, stop_ids: Iterable[int] = ()) -> list[int]:
     """Greedy (argmax) continuation of `prompt_ids`, up to `max_new` tokens; a stop id ends it and is not kept."""
     stop = set(stop_ids)
     llm.reset()

@@ -6,15 +6,16 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from services.converter.hf_to_gguf import ConvertError
 from shared import logs
+from shared.layout import GGUF_FILE_TYPES
 
 log = logs.get("convert")
-# our type name -> llama_ftype name in llama_cpp
-FTYPES = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+# the types made by quantising the F16 (llama_cpp.LLAMA_FTYPE_<llama.cpp's file-type name>)
+FTYPES = {t: f"LLAMA_FTYPE_{GGUF_FILE_TYPES[t]}" for t in ("Q8_0", "Q4_K_M")}
 
 
 @contextlib.contextmanager

@@ -12,33 +12,22 @@ import json
 import tempfile
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import Field
-
 from services.dataset import quality
+from services.dataset.options import DatasetOptions
 from services.dataset.records import Reject, parse_line
 from services.dataset.thinking import derive, from_existing
-from shared import atomic, logs, manifest
-from shared.config import StrictModel, config_hash
-from shared.think_format import Format, render_assistant, render_chat, system_prompt
+from shared import logs, manifest, stage
+from shared.errors import InputError
+from shared.think_format import render_assistant, render_chat, system_prompt
 
 log = logs.get("dataset")
 BUILDER_VERSION = 1
 OUTPUTS = ("train.jsonl", "val.jsonl", "rejects.jsonl")
-SHOWN_REJECTS = 100  # rejects kept for the console summary; all of them are in rejects.jsonl
 
-
-class DatasetOptions(StrictModel):
-    format: Format = "simple"
-    val_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    seed: int = 42
-    min_quality: float | None = Field(None, ge=0.0, le=1.0)
-
-
-class InputError(ValueError):
-    """The input globs match nothing, or a matched file cannot be read."""
+__all__ = ["DatasetOptions", "InputError", "build", "expand_inputs"]
 
 
 @dataclass
@@ -47,14 +36,6 @@ class FileStats:
     written: int = 0
     duplicates: int = 0
     rejected: int = 0
-
-
-@dataclass
-class Result:
-    skipped: bool
-    output: Path
-    metrics: dict = field(default_factory=dict)
-    rejects: list[dict] = field(default_factory=list)
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
@@ -101,29 +82,28 @@ def _val_ids(keys: dict[str, list[tuple[str, int]]], ratio: float) -> set[int]:
     return val
 
 
-def build(patterns: list[str], output: str | Path, opts: DatasetOptions, force: bool = False) -> Result:
+def build(patterns: list[str], output: str | Path, opts: DatasetOptions, force: bool = False) -> stage.StageResult:
     """Build the dataset in `output`; skipped when its manifest already matches the inputs and options."""
     started = time.time()
-    output = Path(output)
     files = expand_inputs(patterns)
-    inputs = {str(p): manifest.describe_input(p) for p in files}
-    config = opts.model_dump() | {"builder_version": BUILDER_VERSION}
-    chash = config_hash(config)
-    if not force and manifest.is_up_to_date(output, "dataset", inputs, chash):
-        log.info("dataset in %s is up to date with its %d input file(s): skipped", output, len(files))
-        return Result(skipped=True, output=output, metrics=manifest.read(output)["metrics"])
+    spec = stage.Spec("dataset", Path(output), {str(p): manifest.describe_input(p) for p in files},
+                      opts.model_dump() | {"builder_version": BUILDER_VERSION})
+    return stage.run(spec, lambda tmp: _write(files, tmp, opts), force, started)
 
+
+def _write(files: list[Path], out: Path, opts: DatasetOptions) -> stage.Built:
+    """Pass 1 (validate, render, spool) and pass 2 (split) into `out`; returns the manifest's figures."""
     per_file: dict[str, FileStats] = {str(p): FileStats() for p in files}
     reasons: Counter = Counter()
     labels: Counter = Counter()
     seen: set[bytes] = set()
     keys: dict[str, list[tuple[str, int]]] = defaultdict(list)
     quality_scores: list[float] = []
-    rejects: list[dict] = []
+    first_rejects: list[str] = []  # for the error when nothing is usable (rejects.jsonl goes with the staging dir)
     count = 0
 
-    with atomic.staging_dir(output) as stage, tempfile.TemporaryFile("w+", encoding="utf-8", dir=stage) as spool, \
-            open(stage / "rejects.jsonl", "w", encoding="utf-8", newline="\n") as rej:
+    with tempfile.TemporaryFile("w+", encoding="utf-8", dir=out) as spool, \
+            open(out / "rejects.jsonl", "w", encoding="utf-8", newline="\n") as rej:
 
         def reject(where_file: str, lineno: int, raw: bytes, r: Reject) -> None:
             row = {"file": where_file, "line": lineno, "reason": r.reason, "field": r.field, "message": r.message,
@@ -131,8 +111,8 @@ def build(patterns: list[str], output: str | Path, opts: DatasetOptions, force: 
             rej.write(json.dumps(row, ensure_ascii=False) + "\n")
             per_file[where_file].rejected += 1
             reasons[r.reason] += 1
-            if len(rejects) < SHOWN_REJECTS:
-                rejects.append(row)
+            if len(first_rejects) < 5:
+                first_rejects.append(f"{where_file}:{lineno}: {r.reason}: {r.message}")
 
         for path in files:
             name = str(path)
@@ -173,35 +153,33 @@ def build(patterns: list[str], output: str | Path, opts: DatasetOptions, force: 
                     count += 1
 
         if count == 0:
-            raise InputError("no usable record in the input: every line was rejected (see the summary above)")
+            raise InputError(f"no usable record in the input: every line was rejected ({dict(reasons)}):\n  "
+                             + "\n  ".join(first_rejects))
 
         val = _val_ids(keys, opts.val_ratio)
-        split = Counter()
+        split: Counter = Counter()
         spool.seek(0)
-        with open(stage / "train.jsonl", "w", encoding="utf-8", newline="\n") as train, \
-                open(stage / "val.jsonl", "w", encoding="utf-8", newline="\n") as valf:
+        with open(out / "train.jsonl", "w", encoding="utf-8", newline="\n") as train, \
+                open(out / "val.jsonl", "w", encoding="utf-8", newline="\n") as valf:
             for idx, line in enumerate(spool):
                 (valf if idx in val else train).write(line)
                 split["val" if idx in val else "train"] += 1
-        rej.flush()
 
-        totals = {k: sum(getattr(s, k) for s in per_file.values()) for k in ("read", "written", "duplicates", "rejected")}
-        assert totals["read"] == totals["written"] + totals["duplicates"] + totals["rejected"], totals
-        metrics = {
-            **totals,
-            "train": split["train"],
-            "val": split["val"],
-            "per_label": dict(sorted(labels.items())),
-            "per_reason": dict(sorted(reasons.items())),
-            "per_file": {k: vars(v) for k, v in per_file.items()},
-            "quality": {
-                "filter": opts.min_quality,
-                "filtered": reasons.get("low_quality", 0),
-                "mean": round(sum(quality_scores) / len(quality_scores), 4),
-                "min": min(quality_scores),
-                "max": max(quality_scores),
-            },
-        }
-        outputs = {name: manifest.sha256_file(stage / name) for name in OUTPUTS}
-        manifest.write(stage, manifest.build("dataset", inputs, config, chash, started, metrics, outputs))
-    return Result(skipped=False, output=output, metrics=metrics, rejects=rejects)
+    totals = {k: sum(getattr(s, k) for s in per_file.values()) for k in ("read", "written", "duplicates", "rejected")}
+    assert totals["read"] == totals["written"] + totals["duplicates"] + totals["rejected"], totals
+    metrics = {
+        **totals,
+        "train": split["train"],
+        "val": split["val"],
+        "per_label": dict(sorted(labels.items())),
+        "per_reason": dict(sorted(reasons.items())),
+        "per_file": {k: vars(v) for k, v in per_file.items()},
+        "quality": {
+            "filter": opts.min_quality,
+            "filtered": reasons.get("low_quality", 0),
+            "mean": round(sum(quality_scores) / len(quality_scores), 4),
+            "min": min(quality_scores),
+            "max": max(quality_scores),
+        },
+    }
+    return stage.Built(metrics, {name: manifest.sha256_file(out / name) for name in OUTPUTS})

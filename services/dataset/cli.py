@@ -2,21 +2,20 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import itertools
+import json
 
-from shared.think_format import FORMATS
+from services.dataset.options import DatasetOptions
+from shared import flags
+
+SHOWN_REJECTS = 100  # rejected lines listed on the console; all of them are in rejects.jsonl
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", action="append", required=True, metavar="GLOB",
                    help="input JSONL file or glob (quote it); repeat for several")
     p.add_argument("--output", required=True, help="dataset directory (train.jsonl, val.jsonl, rejects.jsonl, manifest.json)")
-    p.add_argument("--format", choices=FORMATS, default="simple",
-                   help="assistant format: '# 思考ステップ / # 最終回答' (simple) or the four tags (quadruple)")
-    p.add_argument("--val-ratio", type=float, default=0.05, help="validation share per label (default 0.05)")
-    p.add_argument("--seed", type=int, default=42, help="split seed (default 42)")
-    p.add_argument("--min-quality", type=float, default=None,
-                   help="drop records whose thinking scores below this (0-1); dropped lines go to rejects.jsonl")
+    flags.add(p, DatasetOptions)
     p.add_argument("--force", action="store_true", help="rebuild even when the manifest says it is up to date")
 
 
@@ -29,24 +28,18 @@ def _summary(result) -> str:
     lines.append(f"train {m['train']}  val {m['val']}  labels {m['per_label']}")
     if m["rejected"]:
         lines.append(f"rejected lines ({m['per_reason']}):")
-        for r in result.rejects:
-            lines.append(f"  {r['file']}:{r['line']}: {r['reason']}: {r['message']}")
-        if m["rejected"] > len(result.rejects):
-            lines.append(f"  … and {m['rejected'] - len(result.rejects)} more in {result.output / 'rejects.jsonl'}")
+        with open(result.output / "rejects.jsonl", encoding="utf-8") as fh:
+            for r in map(json.loads, itertools.islice(fh, SHOWN_REJECTS)):
+                lines.append(f"  {r['file']}:{r['line']}: {r['reason']}: {r['message']}")
+        if m["rejected"] > SHOWN_REJECTS:
+            lines.append(f"  … and {m['rejected'] - SHOWN_REJECTS} more in {result.output / 'rejects.jsonl'}")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.dataset.build import DatasetOptions, InputError, build
-    from shared.config import validate
+    from services.dataset.build import build
 
-    opts = validate(DatasetOptions, {"format": args.format, "val_ratio": args.val_ratio, "seed": args.seed,
-                                     "min_quality": args.min_quality}, "command line")
-    try:
-        result = build(args.input, args.output, opts, force=args.force)
-    except InputError as err:
-        print(f"so8t dataset: {err}", file=sys.stderr)
-        return 2
+    result = build(args.input, args.output, flags.parse(DatasetOptions, args), force=args.force)
     if result.skipped:
         print(f"{result.output}: up to date (manifest matches inputs), skipped")
     else:

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from shared.errors import InputError, StageError
 from shared.think_format import FORMATS
 
 
@@ -49,18 +50,12 @@ def _import(args: argparse.Namespace) -> int:
     from services.ollama import importer
 
     if len(args.gguf) > 1 and ":" in args.model.rsplit("/", 1)[-1]:
-        print("so8t ollama import: --model name:tag takes one GGUF; give a bare name to tag each by its "
-              "quantisation", file=sys.stderr)
-        return 2
+        raise InputError("--model name:tag takes one GGUF; give a bare name to tag each by its quantisation")
     started = time.time()
     run_dir = args.run_dir or args.gguf[0].resolve().parent.parent / "ollama"
     c = importer.client(args.host)
-    try:
-        importer.wait_for_server(c, args.wait)
-        done = [importer.import_gguf(c, g, args.model, run_dir, args.format, args.wait) for g in args.gguf]
-    except importer.ImportFailed as err:
-        print(f"so8t ollama import: {err}", file=sys.stderr)
-        return 1
+    importer.wait_for_server(c, args.wait)
+    done = [importer.import_gguf(c, g, args.model, run_dir, args.format, args.wait) for g in args.gguf]
     importer.record(run_dir, done, args.format, importer.host_of(c), started)
     for imp in done:
         print(f"{imp.model}: created from {imp.gguf} ({imp.digest}); Modelfile: {imp.modelfile}")
@@ -74,24 +69,17 @@ def _smoke(args: argparse.Namespace) -> int:
     from services.ollama.smoke import run_smoke
 
     c = importer.client(args.host, timeout=args.timeout)
+    importer.wait_for_server(c, args.wait)
     try:
-        importer.wait_for_server(c, args.wait)
         out = run_smoke(c, args.model, args.output)
-    except importer.ImportFailed as err:
-        print(f"so8t ollama smoke: {err}", file=sys.stderr)
-        return 1
     except ollama.ResponseError as err:
-        print(f"so8t ollama smoke: {args.model} at {importer.host_of(c)}: HTTP {err.status_code}: {err.error}",
-              file=sys.stderr)
-        return 1
+        raise StageError(f"{args.model} at {importer.host_of(c)}: HTTP {err.status_code}: {err.error}") from None
     for r in out["results"]:
         print(f"{'PASS' if r['passed'] else 'FAIL'}  [{r['lang']}] {r['prompt']}  label={r['label']}"
               + ("" if r["passed"] else f"  ({r['error']})"))
     print(f"transcripts: {args.output / 'smoke.json'}")
     if not out["passed"]:
-        print(f"so8t ollama smoke: {len(out['failed'])} of {len(out['results'])} replies are not in the /think "
-              f"format", file=sys.stderr)
-        return 1
+        raise StageError(f"{len(out['failed'])} of {len(out['results'])} replies are not in the /think format")
     return 0
 
 
@@ -100,8 +88,7 @@ def _modelfile(args: argparse.Namespace) -> int:
     from shared import atomic
 
     if not args.gguf.is_file():
-        print(f"so8t ollama modelfile: {args.gguf}: GGUF file not found", file=sys.stderr)
-        return 2
+        raise InputError(f"{args.gguf}: GGUF file not found")
     if args.output is None:
         sys.stdout.write(modelfile.render(str(args.gguf.resolve()), args.format))  # no known home: absolute
         return 0

@@ -7,9 +7,10 @@ starts both together), so connecting is retried with tenacity until `--wait` run
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import ollama
@@ -18,17 +19,18 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from services.ollama import modelfile
 from shared import atomic, logs, manifest
 from shared.config import config_hash
+from shared.errors import StageError
 from shared.layout import GGUF_FILE_TYPES, GGUF_TYPES, ollama_tag
 from shared.think_format import Format
 
 log = logs.get("ollama")
 T = TypeVar("T")
 
-_QTYPE_OF_CODE = {code: qtype for qtype, code in GGUF_FILE_TYPES.items()}  # for files the converter did not name
+
 _TRANSIENT = (ConnectionError, httpx.TransportError)
 
 
-class ImportFailed(RuntimeError):
+class ImportFailed(StageError, RuntimeError):
     """An import that cannot go on; the message says which file, model or server."""
 
 
@@ -49,14 +51,15 @@ def gguf_qtype(path: Path) -> str:
     try:
         import gguf
 
-        field = gguf.GGUFReader(path).fields["general.file_type"]
+        field = gguf.GGUFReader(path).fields[gguf.Keys.General.FILE_TYPE]
         code = int(field.parts[field.data[0]][0])
+        by_code = {int(gguf.LlamaFileType[name]): qtype for qtype, name in GGUF_FILE_TYPES.items()}
     except Exception as err:  # unreadable header: the caller gets a clear message
         raise ImportFailed(f"{path}: cannot tell its quantisation ({err}); give the tag in --model name:tag") from None
-    if code not in _QTYPE_OF_CODE:
+    if code not in by_code:
         raise ImportFailed(f"{path}: GGUF file_type {code} is not one of {', '.join(GGUF_TYPES)}; "
                            "give --model name:tag")
-    return _QTYPE_OF_CODE[code]
+    return by_code[code]
 
 
 def model_tag(model: str, qtype: str) -> str:

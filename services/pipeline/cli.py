@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from services.pipeline.config import PipelineConfig
+from shared import flags
+
+OVERRIDES = ("run_id", "train.max_steps")  # flags that override the profile's values
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="pipeline profile, e.g. configs/pipeline/tiny.yaml")
     p.add_argument("--data-dir", help="data volume (default: $DATA_DIR, else ./data)")
-    p.add_argument("--run-id", help="override the profile's run_id")
-    p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    flags.add(p, PipelineConfig, OVERRIDES, overrides=True)
     p.add_argument("--no-smoke", action="store_true", help="skip the /think API smoke test at the end")
 
 
@@ -18,20 +21,15 @@ def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from services.pipeline.config import PipelineConfig
-    from services.pipeline.run import StageFailed, run as run_pipeline
+    from services.pipeline.run import run as run_pipeline
     from services.pipeline.smoke import think_smoke
     from shared.config import load_config
     from shared.layout import Layout, data_dir
 
-    cfg = load_config(PipelineConfig, args.config, {"run_id": args.run_id, "train.max_steps": args.max_steps})
+    cfg = load_config(PipelineConfig, args.config, flags.given(args, PipelineConfig, OVERRIDES))
     root = Path(args.data_dir) if args.data_dir else data_dir()
     os.environ["DATA_DIR"] = str(root)  # every stage process (and the think API's audit log) uses the same volume
-    try:
-        summary = run_pipeline(cfg, Layout(root), None if args.no_smoke else think_smoke)
-    except StageFailed as err:
-        print(f"\npipeline failed at stage '{err.stage}' (exit {err.code}); see {err.log_path}", file=sys.stderr)
-        return err.code or 1
+    summary = run_pipeline(cfg, Layout(root), None if args.no_smoke else think_smoke)
     print("\n== pipeline done ==")
     print(f"run directory : {summary['run']}")
     for name, st in summary["stages"].items():

@@ -1,57 +1,64 @@
-"""Pipeline profile (configs/pipeline/<profile>.yaml): which data, which base, where the run goes."""
+"""Pipeline profile (configs/pipeline/<profile>.yaml): which data, which base, where the run goes.
+
+Each stage's section is that stage's own option model (plus where its input comes from), so an option is
+declared once, in the stage, and the profile sets it under the same name as the stage's CLI flag.
+"""
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import Field
 
+from services.baker.options import BakeOptions
+from services.converter.options import ConvertOptions
+from services.dataset.options import DatasetOptions
+from services.trainer.config import BaseModelId, MaxSteps, Seed
 from shared.config import StrictModel
-from shared.layout import GGUF_TYPES, GgufType
-from shared.think_format import Format
+from shared.layout import GgufType
+
+NAME = r"^[A-Za-z0-9._-]+$"
 
 
-class DatasetStage(StrictModel):
-    id: str = "example"
-    inputs: list[str] = Field(default_factory=lambda: ["examples/four_class/*.jsonl"], min_length=1)
-    format: Format = "simple"
-    val_ratio: float = Field(0.05, ge=0, lt=1)
-    seed: int = 42
+class DatasetStage(DatasetOptions):
+    id: str = Field("example", pattern=NAME, description="the dataset's directory name under <data>/datasets/")
+    inputs: list[str] | None = Field(None, min_length=1,
+                                     description="input globs (default: <data>/input/four_class/*.jsonl)")
 
 
 class TrainStage(StrictModel):
-    config: str = "configs/train/tiny.yaml"
-    # a hub id, a local directory, or "tiny" for the tiny random Phi-3 (built once under <data>/models/tiny)
-    base_model: str = "tiny"
-    max_steps: int | None = Field(None, gt=0)
-    seed: int | None = None
+    config: str = Field("configs/train/tiny.yaml", description="training profile")
+    base_model: BaseModelId = Field("tiny", description="hub id, local directory, or 'tiny' for the tiny random "
+                                                        "Phi-3 (built once under <data>/models/tiny)")
+    max_steps: MaxSteps | None = None
+    seed: Seed | None = None
 
 
-class BakeStage(StrictModel):
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-
-
-class ConvertStage(StrictModel):
-    name: str = Field("so8t", pattern=r"^[A-Za-z0-9._-]+$")
-    types: list[GgufType] = Field(default_factory=lambda: list(GGUF_TYPES), min_length=1)
+class ConvertStage(ConvertOptions):
+    name: str = Field("so8t", pattern=NAME, description="GGUF file name stem: <name>-<TYPE>.gguf")
 
 
 class OllamaStage(StrictModel):
-    enabled: Literal["auto", "always", "never"] = "auto"  # auto: only when a server answers at OLLAMA_HOST
-    model: str = Field("so8t-think", pattern=r"^[a-z0-9._/-]+$")
-    smoke_type: GgufType = "Q4_K_M"
+    enabled: Literal["auto", "always", "never"] = Field(
+        "auto", description="natively: import only when a server answers at OLLAMA_HOST (auto), always, never")
+    model: str = Field("so8t-think", pattern=r"^[a-z0-9._/-]+$", description="Ollama model name (<name>:<type>)")
+
+
+class ServeStage(StrictModel):
+    gguf_type: GgufType = Field("Q4_K_M", description="the quantisation the think API serves and the smoke "
+                                                      "tests ask")
 
 
 class SmokeStage(StrictModel):
-    gguf_type: GgufType = "Q4_K_M"
     prompt: str = "2+2はいくつですか？"
     max_tokens: int = Field(256, gt=0, le=4096)
 
 
 class PipelineConfig(StrictModel):
-    run_id: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    run_id: str = Field(pattern=NAME, description="the run's directory under <data>/runs/")
     dataset: DatasetStage = DatasetStage()
     train: TrainStage = TrainStage()
-    bake: BakeStage = BakeStage()
+    bake: BakeOptions = BakeOptions()
     convert: ConvertStage = ConvertStage()
     ollama: OllamaStage = OllamaStage()
+    serve: ServeStage = ServeStage()
     smoke: SmokeStage = SmokeStage()

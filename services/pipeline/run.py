@@ -14,35 +14,25 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import httpx
 
 from services.pipeline.config import PipelineConfig
+from services.pipeline.plan import Stage, plan
 from shared import atomic, logs, manifest
-from shared.layout import Layout, RunLayout, ollama_tag
+from shared.errors import StageError
+from shared.layout import Layout
 
 log = logs.get("pipeline")
 
 
-@dataclass
-class Stage:
-    name: str
-    argv: list[str]
-    output: Path | None  # directory whose manifest.json proves the stage ran
-    progress: Callable[[], float | None] = lambda: None
-
-
-class StageFailed(RuntimeError):
+class StageFailed(StageError):
     def __init__(self, stage: str, code: int, log_path: Path):
-        super().__init__(f"stage '{stage}' failed with exit code {code}; its log: {log_path}")
+        super().__init__(f"stage '{stage}' failed with exit code {code}; see {log_path}")
         self.stage, self.code, self.log_path = stage, code, log_path
-
-
-def _py(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
+        self.exit_code = code or 1
 
 
 def _train_progress(session: Path) -> Callable[[], float | None]:
@@ -69,51 +59,24 @@ def ollama_server(timeout: float = 2.0) -> tuple[str, bool]:
         return importer.host_of(c), False
 
 
-def plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
-    run = layout.run(cfg.run_id)
-    ds = layout.dataset(cfg.dataset.id)
-    base = cfg.train.base_model
-    stages: list[Stage] = []
-    if base == "tiny":
-        base = str(layout.root / "models" / "tiny")
-        if not (Path(base) / "config.json").is_file():
-            stages.append(Stage("tiny-model", _py("services.tiny_model", "--output", base), None))
-    d = cfg.dataset
-    stages.append(Stage("dataset", _py("services.dataset", *sum((["--input", i] for i in d.inputs), []),
-                                       "--output", str(ds), "--format", d.format, "--val-ratio", str(d.val_ratio),
-                                       "--seed", str(d.seed)), ds))
-    t = cfg.train
-    train_args = ["--config", t.config, "--dataset", str(ds / "train.jsonl"), "--output-dir", str(run.train),
-                  "--base-model", base]
-    if t.max_steps:
-        train_args += ["--max-steps", str(t.max_steps)]
-    if t.seed is not None:
-        train_args += ["--seed", str(t.seed)]
-    stages.append(Stage("train", _py("services.trainer", *train_args), run.final, _train_progress(run.training_session)))
-    stages.append(Stage("bake", _py("services.baker", "--trained", str(run.final), "--output", str(run.baked),
-                                    "--dtype", cfg.bake.dtype), run.baked))
-    stages.append(Stage("convert", _py("services.converter", "--model", str(run.baked), "--output-dir", str(run.gguf),
-                                       "--name", cfg.convert.name, "--types", *cfg.convert.types), run.gguf))
+def native_plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
+    """The chain as this machine runs it: the Ollama stages only when a server answers (or the profile says so)."""
+    stages = plan(cfg, layout)
     o = cfg.ollama
     host, answers = ollama_server() if o.enabled == "auto" else (None, o.enabled == "always")
-    if answers:
-        ggufs = [str(run.gguf_file(cfg.convert.name, qtype)) for qtype in cfg.convert.types]
-        stages.append(Stage("ollama-import", _py("services.ollama", "import", "--gguf", *ggufs, "--model", o.model,
-                                                 "--run-dir", str(run.ollama), "--format", cfg.dataset.format), None))
-        stages.append(Stage("ollama-smoke", _py("services.ollama", "smoke", "--model",
-                                                f"{o.model}:{ollama_tag(o.smoke_type)}", "--output", str(run.ollama)),
-                            None))
-    else:
+    if not answers:
         log.info("the Ollama import is skipped: %s", f"no Ollama server at {host}" if host else "ollama.enabled=never")
+        stages = [s for s in stages if not s.needs_ollama]
     return stages
 
 
 class Status:
     """`status.json`: the current stage, progress, ETA, and each stage's outcome."""
 
-    def __init__(self, path: Path, stages: list[Stage], history: dict[str, float]):
-        self.path, self.names, self.history = path, [s.name for s in stages], history
-        self.state = {n: {"state": "pending"} for n in self.names}
+    def __init__(self, path: Path, stages: list[Stage], history: dict[str, float],
+                 progress: dict[str, Callable[[], float | None]]):
+        self.path, self.names, self.history, self.progress = path, [s.name for s in stages], history, progress
+        self.state: dict[str, dict] = {n: {"state": "pending"} for n in self.names}
         self.current: Stage | None = None
         self.started = time.time()
         self._lock = threading.Lock()
@@ -129,12 +92,17 @@ class Status:
             if past is None:
                 return None
             if st["state"] == "running":
-                frac = self.current.progress() if self.current else None
+                frac = self.fraction()
                 spent = time.time() - st["started"]
                 left += past * (1 - frac) if frac is not None else max(0.0, past - spent)
             else:
                 left += past
         return round(left, 1)
+
+    def fraction(self) -> float | None:
+        """How far the running stage is (only stages that report it, the trainer)."""
+        read = self.progress.get(self.current.name) if self.current else None
+        return read() if read else None
 
     def write(self, overall: str = "running") -> None:
         with self._lock:
@@ -144,7 +112,7 @@ class Status:
                 "stage": cur.name if cur else None,
                 "stage_index": self.names.index(cur.name) + 1 if cur else None,
                 "stages_total": len(self.names),
-                "stage_progress": cur.progress() if cur else None,
+                "stage_progress": self.fraction(),
                 "eta_seconds": self.eta(),
                 "elapsed_seconds": round(time.time() - self.started, 1),
                 "stages": self.state,
@@ -152,64 +120,72 @@ class Status:
 
 
 def _run_stage(stage: Stage, log_path: Path, status: Status) -> tuple[int, float]:
+    """Run the stage's commands in turn, each line to the console (prefixed) and to its log."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     t0 = time.time()
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(2.0):
+            status.write()
+
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    beat.start()
+    code = 0
     with open(log_path, "a", encoding="utf-8") as lf:
-        lf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(stage.argv)}\n")
-        proc = subprocess.Popen(stage.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                text=True, errors="replace", bufsize=1)
-        stop = threading.Event()
-
-        def heartbeat() -> None:
-            while not stop.wait(2.0):
-                status.write()
-
-        beat = threading.Thread(target=heartbeat, daemon=True)
-        beat.start()
         try:
-            for line in proc.stdout:  # type: ignore[union-attr]
-                sys.stdout.write(f"[{stage.name}] {line}")
-                sys.stdout.flush()
-                lf.write(line)
-            code = proc.wait()
+            for argv in stage.commands:
+                lf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n")
+                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                        text=True, errors="replace", bufsize=1)
+                try:
+                    for line in proc.stdout:  # type: ignore[union-attr]
+                        sys.stdout.write(f"[{stage.name}] {line}")
+                        sys.stdout.flush()
+                        lf.write(line)
+                    code = proc.wait()
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                if code != 0:
+                    break
         finally:
             stop.set()
-            if proc.poll() is None:
-                proc.kill()
     return code, time.time() - t0
 
 
-def run(cfg: PipelineConfig, layout: Layout, smoke: Callable[[PipelineConfig, RunLayout], dict] | None = None) -> dict:
+def run(cfg: PipelineConfig, layout: Layout, smoke: Callable[[PipelineConfig, Layout], dict] | None = None) -> dict:
     """Run every stage in order; returns the summary (stage outcomes and where each artifact is)."""
     run_dir = layout.run(cfg.run_id)
     run_dir.root.mkdir(parents=True, exist_ok=True)
-    stages = plan(cfg, layout)
+    stages = native_plan(cfg, layout)
     previous = {}
     try:
-        previous = json.loads((run_dir.root / "status.json").read_text()).get("stages", {})
+        previous = json.loads(run_dir.status.read_text()).get("stages", {})
     except (OSError, ValueError):
         pass
     history = {n: s["seconds"] for n, s in previous.items() if s.get("state") == "done" and "seconds" in s}
-    status = Status(run_dir.root / "status.json", stages, history)
+    status = Status(run_dir.status, stages, history, {"train": _train_progress(run_dir.training_session)})
     for stage in stages:
         before = manifest.read(stage.output) if stage.output else None
         status.current = stage
         status.state[stage.name] = {"state": "running", "started": time.time()}
         status.write()
-        log.info("stage %s: %s", stage.name, " ".join(stage.argv[2:]))
-        code, seconds = _run_stage(stage, run_dir.root / "logs" / f"{stage.name}.log", status)
+        log.info("stage %s: %s", stage.name, " && ".join(" ".join(c[2:]) for c in stage.commands))
+        log_path = run_dir.logs / f"{stage.name}.log"
+        code, seconds = _run_stage(stage, log_path, status)
         if code != 0:
             status.state[stage.name] = {"state": "failed", "exit_code": code, "seconds": round(seconds, 1)}
             status.current = None
             status.write("failed")
-            raise StageFailed(stage.name, code, run_dir.root / "logs" / f"{stage.name}.log")
+            raise StageFailed(stage.name, code, log_path)
         after = manifest.read(stage.output) if stage.output else None
         if stage.output and after is None:
             status.state[stage.name] = {"state": "failed", "exit_code": 0, "seconds": round(seconds, 1),
                                         "error": f"no manifest in {stage.output}"}
             status.write("failed")
-            raise StageFailed(stage.name, 0, run_dir.root / "logs" / f"{stage.name}.log")
+            raise StageFailed(stage.name, 0, log_path)
         skipped = before is not None and after is not None and before.get("finished_at") == after.get("finished_at")
         status.state[stage.name] = {"state": "skipped" if skipped else "done", "seconds": round(seconds, 1)}
         log.info("stage %s %s in %.1fs", stage.name, "up to date (skipped)" if skipped else "done", seconds)
@@ -219,7 +195,7 @@ def run(cfg: PipelineConfig, layout: Layout, smoke: Callable[[PipelineConfig, Ru
         "gguf": {t: str(run_dir.gguf_file(cfg.convert.name, t)) for t in cfg.convert.types},
     }}
     if smoke is not None:
-        summary["smoke"] = smoke(cfg, run_dir)
+        summary["smoke"] = smoke(cfg, layout)
     status.write("done")
     return summary
 

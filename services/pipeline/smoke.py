@@ -3,25 +3,25 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 
 import httpx
 
 from services.pipeline.config import PipelineConfig
+from services.pipeline.plan import serve_command
 from services.pipeline.run import free_port
 from shared import atomic, logs
-from shared.layout import RunLayout
+from shared.layout import Layout
 
 log = logs.get("pipeline")
 
 
-def think_smoke(cfg: PipelineConfig, run: RunLayout, timeout: float = 120.0) -> dict:
-    gguf = run.gguf_file(cfg.convert.name, cfg.smoke.gguf_type)
+def think_smoke(cfg: PipelineConfig, layout: Layout, timeout: float = 120.0) -> dict:
+    run = layout.run(cfg.run_id)
+    gguf = run.gguf_file(cfg.convert.name, cfg.serve.gguf_type)
     port = free_port()
-    argv = [sys.executable, "-m", "services.think_api", "--backend", "llamacpp", "--model", str(gguf),
-            "--host", "127.0.0.1", "--port", str(port)]
-    log_path = run.root / "logs" / "think-smoke.log"
+    argv = [*serve_command(cfg, layout, "llamacpp"), "--host", "127.0.0.1", "--port", str(port)]
+    log_path = run.logs / "think-smoke.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as lf:
         proc = subprocess.Popen(argv, stdout=lf, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))

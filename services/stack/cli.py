@@ -1,11 +1,17 @@
-"""Run a stage in the compose stack: wait (bounded) for its upstream's manifest on /data, then run its command(s).
+"""Run chain stages in the compose stack: wait (bounded) for each stage's upstream on /data, then run its command.
 
-    python -m services.stack --name trainer --after dataset=/data/datasets/four_class -- python -m services.trainer ...
+    python -m services.stack --config configs/pipeline/full.yaml train [-- EXTRA ARGS]
+    python -m services.stack --config configs/pipeline/full.yaml ollama-import ollama-smoke
+    python -m services.stack --config configs/pipeline/full.yaml --print bake      # show, run nothing
+    python -m services.stack --config configs/pipeline/full.yaml --serve [-- EXTRA ARGS]   # exec `so8t serve`
 
-Several commands run one after the other when separated by a literal `&&` argument. When the command ends, the
-stage's finish marker (`$SO8T_STACK_DIR/<name>.json`: pipeline id, exit code) tells its downstream stages.
-Environment: SO8T_PIPELINE_ID (set by `make pipeline`), SO8T_STACK_DIR, SO8T_WAIT_TIMEOUT (default 7d; 0 = look
-once and fail at once), SO8T_WAIT_INTERVAL (default 10s).
+A stage's command, its upstream and every path come from the chain's one description (services/pipeline/plan.py:
+the profile and shared.layout); EXTRA ARGS (what `docker compose run <service> ...` appends) go to the last
+command. When a stage's command ends, its finish marker (`<run>/stack/<stage>.json`: pipeline id, exit code)
+tells the stages after it. Any command can be wrapped the same way: `--name NAME [--after NAME=DIR] -- COMMAND`
+(several commands separated by a literal `&&` argument).
+Environment: SO8T_PIPELINE_ID (set by `make pipeline`), SO8T_WAIT_TIMEOUT (default 7d; 0 = look once and fail at
+once), SO8T_WAIT_INTERVAL (default 10s), SO8T_STACK_DIR (only for --name).
 """
 from __future__ import annotations
 
@@ -15,52 +21,99 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--name", required=True, help="this stage's name (its finish marker is <stack dir>/<name>.json)")
+    p.add_argument("--config", metavar="PROFILE", help="pipeline profile (configs/pipeline/<profile>.yaml): "
+                                                        "run the named stages of its chain")
+    p.add_argument("--print", action="store_true", help="with --config: print each stage's upstream and commands")
+    p.add_argument("--serve", action="store_true", help="with --config: exec the think API on the profile's model")
+    p.add_argument("--name", help="without --config: this command's stage name (its finish marker's name)")
     p.add_argument("--after", action="append", default=[], metavar="NAME[=DIR]",
-                   help="upstream stage that must be done first: its manifest.json in DIR, and, under a pipeline "
-                        "id, its finish marker from this pipeline; repeat for several")
+                   help="without --config: upstream stage that must be done first: its manifest.json in DIR, and, "
+                        "under a pipeline id, its finish marker from this pipeline; repeat for several")
     p.add_argument("--timeout", default=os.environ.get("SO8T_WAIT_TIMEOUT", "7d"),
                    help="give up waiting after this long (600, 30m, 12h, 7d; 0 = look once). "
                         "Default $SO8T_WAIT_TIMEOUT or 7d")
     p.add_argument("--interval", default=os.environ.get("SO8T_WAIT_INTERVAL", "10s"), help="poll interval (10s)")
-    p.add_argument("--stack-dir", default=None, help="finish markers (default $SO8T_STACK_DIR, else $DATA_DIR/stack)")
-    p.add_argument("command", nargs="*", metavar="-- COMMAND",
-                   help="the stage command, after --; further commands after a literal && argument")
+    p.add_argument("--stack-dir", default=None,
+                   help="finish markers (default <run>/stack with --config, else $SO8T_STACK_DIR or $DATA_DIR/stack)")
+    p.add_argument("words", nargs=argparse.REMAINDER, metavar="STAGE... [-- ARGS] | -- COMMAND",
+                   help="stages of the profile's chain (then extra arguments for the last one after --), or "
+                        "with --name the command after --")
+
+
+def _split(words: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in words:
+        i = words.index("--")
+        return words[:i], words[i + 1:]
+    return words, []
+
+
+def profile_jobs(profile: str, names: list[str], extra: list[str], layout=None):
+    """The named stages of the profile's chain as jobs (EXTRA appended to the last command), and the stack dir."""
+    from services.pipeline.config import PipelineConfig
+    from services.pipeline.plan import plan, stage
+    from services.stack.wait import Job, Upstream
+    from shared.config import load_config
+    from shared.layout import Layout
+
+    cfg = load_config(PipelineConfig, profile)
+    layout = layout or Layout.from_env()
+    chain = plan(cfg, layout)
+    outputs = {s.name: s.output for s in chain}
+    stages = [stage(chain, name) for name in names]
+    jobs = [Job(s.name, [Upstream(u, outputs.get(u)) for u in s.after], [list(c) for c in s.commands])
+            for s in stages]
+    if jobs:
+        jobs[-1].commands[-1] += extra
+    return jobs, layout.run(cfg.run_id).stack
+
+
+def serve_argv(profile: str, extra: list[str], layout=None) -> list[str]:
+    from services.pipeline.config import PipelineConfig
+    from services.pipeline.plan import serve_command
+    from shared.config import load_config
+    from shared.layout import Layout
+
+    return [*serve_command(load_config(PipelineConfig, profile), layout or Layout.from_env()), *extra]
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
     from pathlib import Path
 
-    from services.stack.wait import (EX_TEMPFAIL, Upstream, Forwarder, format_duration, log, parse_duration,
-                                     run_commands, split_commands, stack_dir_from_env, wait_for, write_marker)
+    from services.stack.wait import Job, Upstream, run_jobs, split_commands, stack_dir_from_env
 
-    argv = args.command[1:] if args.command[:1] == ["--"] else args.command
-    try:
-        upstreams = [Upstream.parse(s) for s in args.after]
-        timeout, interval = parse_duration(args.timeout), parse_duration(args.interval)
-        commands = split_commands(argv) if argv else []
-    except ValueError as err:
-        print(f"python -m services.stack: {err}", file=sys.stderr)
-        return 2
-    if not commands:
-        print("python -m services.stack: no command given (put it after --)", file=sys.stderr)
-        return 2
-    stack_dir = Path(args.stack_dir) if args.stack_dir else stack_dir_from_env()
-    pipeline_id = os.environ.get("SO8T_PIPELINE_ID", "").strip()
-
-    forwarder = Forwarder()
-    forwarder.install()
-    started = time.time()
-    reason = wait_for(upstreams, name=args.name, stack_dir=stack_dir, pipeline_id=pipeline_id,
-                      timeout=timeout, interval=interval)
-    if reason is not None:
-        hint = ("run that stage first (make <stage>)" if timeout == 0
-                else "check the upstream's logs (make logs) or raise SO8T_WAIT_TIMEOUT")
-        waited = format_duration(timeout) if timeout else "one look"
-        log.error("%s gave up waiting after %s: %s; %s", args.name, waited, reason, hint)
-        return EX_TEMPFAIL
-    code = run_commands(commands, forwarder)
-    path = write_marker(stack_dir, args.name, pipeline_id, code, commands, started)
-    log.info("%s %s (exit %d); finish marker %s", args.name, "done" if code == 0 else "failed", code, path)
-    return code
+    head, tail = _split(args.words)
+    if args.config:
+        if args.serve:
+            argv = serve_argv(args.config, tail)
+            print("exec:", " ".join(argv), file=sys.stderr, flush=True)
+            os.execv(argv[0], argv)
+        try:
+            jobs, stack_dir = profile_jobs(args.config, head, tail)
+        except KeyError as err:
+            print(f"python -m services.stack: {err.args[0]}", file=sys.stderr)
+            return 2
+        if not jobs:
+            print("python -m services.stack: name the stage(s) of the chain to run", file=sys.stderr)
+            return 2
+        if args.print:
+            for j in jobs:
+                print(f"{j.name}: after {', '.join(u.describe() for u in j.upstreams) or 'nothing'}")
+                print("\n".join("  " + " ".join(c) for c in j.commands))
+            return 0
+    else:
+        if not args.name:
+            print("python -m services.stack: give --config PROFILE STAGE..., or --name NAME -- COMMAND",
+                  file=sys.stderr)
+            return 2
+        try:
+            jobs = [Job(args.name, [Upstream.parse(s) for s in args.after], split_commands(tail) if tail else [])]
+        except ValueError as err:
+            print(f"python -m services.stack: {err}", file=sys.stderr)
+            return 2
+        if not jobs[0].commands:
+            print("python -m services.stack: no command given (put it after --)", file=sys.stderr)
+            return 2
+        stack_dir = Path(args.stack_dir) if args.stack_dir else stack_dir_from_env()
+    if args.stack_dir:
+        stack_dir = Path(args.stack_dir)
+    return run_jobs(jobs, stack_dir, args.timeout, args.interval)

@@ -19,9 +19,9 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from shared import atomic, logs, manifest
 from shared.layout import data_dir
@@ -39,7 +39,7 @@ class Upstream:
     manifest_dir: Path | None = None
 
     @classmethod
-    def parse(cls, spec: str) -> "Upstream":
+    def parse(cls, spec: str) -> Upstream:
         """`NAME=DIR` (its manifest.json in DIR, and its finish marker) or `NAME` (only its finish marker)."""
         name, sep, directory = spec.partition("=")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or (sep and not directory):
@@ -197,3 +197,40 @@ def run_commands(commands: Sequence[Sequence[str]], forwarder: Forwarder | None 
 
 def stack_dir_from_env() -> Path:
     return Path(os.environ.get("SO8T_STACK_DIR") or data_dir() / "stack")
+
+
+@dataclass
+class Job:
+    """One stage as the stack runs it: its name (and finish marker), what it waits for, its command(s)."""
+
+    name: str
+    upstreams: list[Upstream]
+    commands: list[list[str]]
+
+
+def run_jobs(jobs: Sequence[Job], stack_dir: Path, timeout: str, interval: str) -> int:
+    """Each job in turn: wait for its upstreams, run its commands, leave its finish marker; stop at a failure."""
+    try:
+        limit, every = parse_duration(timeout), parse_duration(interval)
+    except ValueError as err:
+        log.error("%s", err)
+        return 2
+    pipeline_id = os.environ.get("SO8T_PIPELINE_ID", "").strip()
+    forwarder = Forwarder()
+    forwarder.install()
+    for job in jobs:
+        started = time.time()
+        reason = wait_for(job.upstreams, name=job.name, stack_dir=stack_dir, pipeline_id=pipeline_id,
+                          timeout=limit, interval=every)
+        if reason is not None:
+            hint = ("run that stage first (make <stage>)" if limit == 0
+                    else "check the upstream's logs (make logs) or raise SO8T_WAIT_TIMEOUT")
+            log.error("%s gave up waiting after %s: %s; %s", job.name, format_duration(limit) if limit else
+                      "one look", reason, hint)
+            return EX_TEMPFAIL
+        code = run_commands(job.commands, forwarder)
+        path = write_marker(stack_dir, job.name, pipeline_id, code, job.commands, started)
+        log.info("%s %s (exit %d); finish marker %s", job.name, "done" if code == 0 else "failed", code, path)
+        if code != 0:
+            return code
+    return 0

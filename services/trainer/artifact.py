@@ -1,18 +1,21 @@
-"""The trained artifact `<output-dir>/final/` (the trainer/baker contract) and its manifest.
+"""The trained artifact `<output-dir>/final/`: the trainer -> baker contract, its file names and its manifest.
 
     adapter_config.json, adapter_model.safetensors   PEFT LoRA adapter (base_model_name_or_path = base as given)
     so8t_gates.safetensors                           {layer: A [k, 8, 8] float32} via shared.so8.save_gates
-    manifest.json                                    stage "train", written last
+    manifest.json                                    stage "train", written last (shared.stage)
+
+The same adapter and gate files are in every checkpoint. Kept free of torch imports: the baker reads the names.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from shared import manifest
-from shared.so8 import GATES_FILE, save_gates
-
 STAGE = "train"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+GATES = "so8t_gates.safetensors"
+OUTPUTS = {"adapter": ADAPTER_WEIGHTS, "adapter_config": ADAPTER_CONFIG, "gates": GATES}
 
 
 def save_adapter(peft_model, directory: Path) -> None:
@@ -22,11 +25,13 @@ def save_adapter(peft_model, directory: Path) -> None:
 
 
 def save_gate_file(directory: Path, gates: dict, hidden_size: int) -> None:
-    save_gates(directory / GATES_FILE, gates, hidden_size)
+    from shared.so8 import save_gates
+
+    save_gates(directory / GATES, gates, hidden_size)
 
 
 def describe(base: str, base_sha: str | None, cfg, gate_layers: list[int], hidden_size: int) -> dict[str, Any]:
-    """The contract's extra top-level manifest keys."""
+    """The contract's extra top-level manifest keys (the baker reads base_model and base_model_sha256)."""
     return {
         "base_model": base,
         "base_model_sha256": base_sha,
@@ -35,11 +40,3 @@ def describe(base: str, base_sha: str | None, cfg, gate_layers: list[int], hidde
         "gates": {"layer_indices": gate_layers, "init_scale": cfg.gates.init_scale, "hidden_size": hidden_size},
         "quantization": cfg.model.quantization,
     }
-
-
-def up_to_date(final: Path, inputs: dict, digest: str, base: str, base_sha: str | None) -> bool:
-    """A final artifact from the same config, dataset and base model (by hash for a local base)."""
-    if not manifest.is_up_to_date(final, STAGE, inputs, digest):
-        return False
-    m = manifest.read(final) or {}
-    return m.get("base_model") == base and m.get("base_model_sha256") == base_sha

@@ -1,4 +1,4 @@
-"""Power-loss-safe checkpoints (DESIGN.md "Power-loss recovery").
+"""Power-loss-safe checkpoints (docs/design.md "Power-loss recovery").
 
 A checkpoint is a directory ``checkpoints/checkpoint-<step>/`` holding:
 
@@ -23,8 +23,11 @@ import random
 import re
 import shutil
 import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -41,6 +44,25 @@ STATE_PT = "training_state.pt"
 OPTIMIZER = "optimizer.pt"
 SESSION = TRAINING_SESSION
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class SavePolicy:
+    """When to checkpoint: every `steps` optimizer steps, after `seconds` since the last save, and at the end.
+
+    Nothing about the trajectory depends on when checkpoints are taken, so saving is a pure side effect."""
+
+    steps: int | None
+    seconds: float
+    total: int
+    last: float = field(default_factory=time.time)
+
+    def due(self, step: int) -> bool:
+        return ((self.steps is not None and step % self.steps == 0) or step == self.total
+                or (self.seconds > 0 and time.time() - self.last >= self.seconds))
+
+    def saved(self) -> None:
+        self.last = time.time()
 
 
 def fault(point: str) -> None:

@@ -1,7 +1,7 @@
 """Training profile (configs/train/<profile>.yaml), validated at load: unknown keys and bad values name the key."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -9,11 +9,14 @@ from shared import phi3
 from shared.config import StrictModel
 
 DEFAULT_BASE = "AXCXEPT/Borea-Phi-3.5-mini-Instruct-Jp"
+# options the pipeline profile and the CLI set as well: declared once here
+BaseModelId = Annotated[str, Field(min_length=1, description="hub id or local directory of the base model")]
+MaxSteps = Annotated[int, Field(gt=0, description="optimizer steps (overrides epochs)")]
+Seed = Annotated[int, Field(description="seed of the data order, LoRA and gate initialisation")]
 
 
 class ModelSection(StrictModel):
-    # hub id or local directory; `--base-model` overrides it
-    base_model: str | None = DEFAULT_BASE
+    base_model: BaseModelId | None = DEFAULT_BASE
     # the prototype's default is 8-bit; "none" keeps the base in `precision` (CPU tests)
     quantization: Literal["8bit", "4bit", "none"] = "8bit"
     # compute dtype: autocast (and the 4-bit compute dtype) on CUDA; the CPU always trains in fp32
@@ -95,11 +98,11 @@ class OptimSection(StrictModel):
 
 class TrainSection(StrictModel):
     epochs: float = Field(3, gt=0)
-    max_steps: int | None = Field(None, gt=0)  # overrides epochs when set
+    max_steps: MaxSteps | None = None
     seq_len: int = Field(2048, ge=8)
     batch_size: int = Field(1, gt=0)
     grad_accum: int = Field(16, gt=0)
-    seed: int = 42
+    seed: Seed = 42
     # train on a seeded random subset of this many records (the fast profile's optional sampling)
     sample: int | None = Field(None, gt=0)
     # bitwise reproducible (torch deterministic algorithms; CPU: MKL strict mode, fixed thread count)
@@ -129,7 +132,7 @@ class TrainConfig(StrictModel):
     logging: LoggingSection = LoggingSection()
 
     @model_validator(mode="after")
-    def _some_save(self) -> "TrainConfig":
+    def _some_save(self) -> TrainConfig:
         if self.checkpoint.save_steps is None and self.checkpoint.save_minutes is None:
             raise ValueError("checkpoint: set save_steps, save_minutes or both (power-loss recovery needs one)")
         return self

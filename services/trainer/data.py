@@ -14,18 +14,19 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from shared import logs
+from shared.errors import InputError
 from shared.think_format import ASSISTANT, END, render_chat
 
 IGNORE = -100
 log = logs.get("trainer")
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """A dataset problem; the message names the file and line."""
 
 

@@ -11,12 +11,12 @@ Each gate is registered as ``self_attn.so8t_gate``, so it moves with the model a
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from shared.so8 import BLOCK, SO8Gate, apply_rotation, orthogonality_error, rotations
+from shared.so8 import BLOCK, SO8Gate, orthogonality_error, rotations
 
 _ATTN_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn$")
 GATE_ATTR = "so8t_gate"
@@ -90,18 +90,9 @@ def attach_gates(
                 gate.A.copy_(A.float())
         gate.to(_device(module.o_proj))
         module.add_module(GATE_ATTR, gate)
-        gate._so8t_hook = module.o_proj.register_forward_pre_hook(_rotate_input(gate))  # type: ignore[attr-defined]
+        gate.hook_input_of(module.o_proj)
         out[i] = gate
     return out
-
-
-def _rotate_input(gate: SO8Gate):
-    def hook(_module: nn.Module, args: tuple) -> tuple:
-        R = getattr(gate, "_so8t_R", None)
-        if R is None or gate._so8t_R_version != gate.A._version:  # no batch rotations, or A changed since
-            R = gate.rotation()
-        return (apply_rotation(args[0], R),) + tuple(args[1:])
-    return hook
 
 
 def precompute_rotations(gates: dict[int, SO8Gate]) -> torch.Tensor:
@@ -119,14 +110,14 @@ def precompute_rotations(gates: dict[int, SO8Gate]) -> torch.Tensor:
     start = 0
     for g in gates.values():
         k = g.A.shape[0]
-        g._so8t_R, g._so8t_R_version = R[start:start + k], g.A._version  # type: ignore[attr-defined]
+        g.use_rotation(R[start:start + k])
         start += k
     return R
 
 
 def clear_rotations(gates: dict[int, SO8Gate]) -> None:
     for g in gates.values():
-        g._so8t_R = None  # type: ignore[attr-defined]
+        g.use_rotation(None)
 
 
 def detach_gates(model: nn.Module) -> None:
@@ -134,7 +125,7 @@ def detach_gates(model: nn.Module) -> None:
     for module in attention_modules(model).values():
         gate = getattr(module, GATE_ATTR, None)
         if gate is not None:
-            gate._so8t_hook.remove()
+            gate.unhook()
             delattr(module, GATE_ATTR)
 
 

@@ -14,12 +14,13 @@ from torch import nn
 
 from services.trainer.config import LoraSection, ModelSection, OptimSection
 from shared import logs
+from shared.errors import InputError
 
 log = logs.get("trainer")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class ModelError(ValueError):
+class ModelError(InputError, ValueError):
     """The base model or the LoRA settings do not fit together."""
 
 

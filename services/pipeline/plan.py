@@ -1,0 +1,86 @@
+"""The chain, described once: which stages run in what order, each one's command, what it waits for, what it writes.
+
+`so8t pipeline` runs these commands natively one after the other (services/pipeline/run.py); in the compose stack
+every stage container runs `python -m services.stack --config configs/pipeline/<profile>.yaml <stage>`, which takes
+its command and its upstream from here. Paths come from shared.layout, settings from the profile: nothing else
+spells a stage's command line. Kept free of heavy imports (it runs in every image).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.converter.options import ConvertOptions
+from services.dataset.options import DatasetOptions
+from services.pipeline.config import PipelineConfig
+from shared import flags
+from shared.layout import Layout, ollama_tag
+
+TINY = "tiny"  # train.base_model value for the tiny random Phi-3 (built once under <data>/models/tiny)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    commands: tuple[tuple[str, ...], ...]  # run one after the other; the stage fails at the first that fails
+    output: Path | None  # the directory whose manifest.json proves the stage ran
+    after: tuple[str, ...] = ()  # upstream stages, done first
+    needs_ollama: bool = False  # natively, only run when an Ollama server answers
+
+
+def _py(module: str, *args: str) -> tuple[str, ...]:
+    return (sys.executable, "-m", module, *args)
+
+
+def base_model(cfg: PipelineConfig, layout: Layout) -> str:
+    """The trainer's base: a hub id or directory, or the tiny model's directory on the data volume."""
+    return str(layout.tiny_model) if cfg.train.base_model == TINY else cfg.train.base_model
+
+
+def plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
+    """Every stage of the chain, in order (the tiny model only while it is not built yet)."""
+    run, ds, d, t = layout.run(cfg.run_id), layout.dataset(cfg.dataset.id), cfg.dataset, cfg.train
+    base = base_model(cfg, layout)
+    stages: list[Stage] = []
+    if t.base_model == TINY and not (Path(base) / "config.json").is_file():
+        stages.append(Stage("tiny-model", (_py("services.tiny_model", "--output", base),), None))
+    inputs = d.inputs or [str(layout.input_glob)]
+    stages.append(Stage("dataset", (_py("services.dataset", *sum((["--input", i] for i in inputs), []), "--output",
+                                        str(ds), *flags.to_argv(d, DatasetOptions.model_fields)),), ds))
+    train = ["--config", t.config, "--dataset", str(ds / "train.jsonl"), "--output-dir", str(run.train),
+             "--base-model", base]
+    train += ["--max-steps", str(t.max_steps)] if t.max_steps else []
+    train += ["--seed", str(t.seed)] if t.seed is not None else []
+    stages.append(Stage("train", (_py("services.trainer", *train),), run.final, ("dataset",)))
+    stages.append(Stage("bake", (_py("services.baker", "--trained", str(run.final), "--output", str(run.baked),
+                                     *flags.to_argv(cfg.bake)),), run.baked, ("train",)))
+    c = cfg.convert
+    stages.append(Stage("convert", (_py("services.converter", "--model", str(run.baked), "--output-dir",
+                                        str(run.gguf), "--name", c.name,
+                                        *flags.to_argv(c, ConvertOptions.model_fields)),), run.gguf, ("bake",)))
+    o = cfg.ollama
+    ggufs = [str(run.gguf_file(c.name, qtype)) for qtype in c.types]
+    stages.append(Stage("ollama-import", (_py("services.ollama", "import", "--gguf", *ggufs, "--model", o.model,
+                                              "--run-dir", str(run.ollama), "--format", d.format),),
+                        None, ("convert",), needs_ollama=True))
+    stages.append(Stage("ollama-smoke", (_py("services.ollama", "smoke", "--model",
+                                             f"{o.model}:{ollama_tag(cfg.serve.gguf_type)}", "--output",
+                                             str(run.ollama)),),
+                        None, ("ollama-import",), needs_ollama=True))
+    return stages
+
+
+def serve_command(cfg: PipelineConfig, layout: Layout, backend: str = "ollama") -> tuple[str, ...]:
+    """`so8t serve` for what the chain made: the Ollama tag (or, with llamacpp, the GGUF) of `serve.gguf_type`."""
+    qtype = cfg.serve.gguf_type
+    model = (f"{cfg.ollama.model}:{ollama_tag(qtype)}" if backend == "ollama"
+             else str(layout.run(cfg.run_id).gguf_file(cfg.convert.name, qtype)))
+    return _py("services.think_api", "--backend", backend, "--model", model, "--format", cfg.dataset.format)
+
+
+def stage(stages: list[Stage], name: str) -> Stage:
+    for s in stages:
+        if s.name == name:
+            return s
+    raise KeyError(f"no stage {name!r} in the chain; stages: {', '.join(s.name for s in stages)}")
