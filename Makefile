@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test venv
+.PHONY: test lint venv
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt scripts/install-llama-cpp.sh
@@ -16,8 +16,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt scripts/install-llama-cpp.sh
 	scripts/install-llama-cpp.sh $(PY)
 	touch $@
 
-test: $(VENV)/.installed
+test: lint
 	$(PY) -m pytest
+
+lint: $(VENV)/.installed  ## ruff (lint + format check) over the repo, mypy on shared/
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # ---- the compose stack (a GPU box with Docker and the NVIDIA container toolkit) and the native demo -------------
 # Settings live in .env (cp .env.example .env); compose reads it, make reads only the keys below from it.

@@ -11,6 +11,7 @@ agreement the converter enforces (a random model has near-flat logits, so no dec
 convert_hf_to_gguf.py for F16 and llama_model_quantize for the others; "check" is header, tokenisation, logits
 and greedy smoke in llama.cpp. Asserts nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,11 @@ def rows(label: str, m: dict) -> list[str]:
     for qtype, rep in m["metrics"]["types"].items():
         lg, o = rep["logits"], m["outputs"][qtype]
         dec = f"{lg['decisive_positions']}: {pct(lg['top1_decisive'])}" if lg["decisive_positions"] else "0: n/a"
-        out.append(f"| {label} | {qtype} | {o['bytes'] / 2**20:.2f} | {lg['max_abs']:.3g} | {rep['max_abs_bound']:.3g} "
-                   f"| {lg['mean_abs']:.3g} | {lg['kl_mean']:.3g} | {pct(lg['top1'])} | {pct(lg['top5'])} | {dec} "
-                   f"| {rep['produce_seconds']:.2f} | {rep['check_seconds']:.2f} |")
+        out.append(
+            f"| {label} | {qtype} | {o['bytes'] / 2**20:.2f} | {lg['max_abs']:.3g} | {rep['max_abs_bound']:.3g} "
+            f"| {lg['mean_abs']:.3g} | {lg['kl_mean']:.3g} | {pct(lg['top1'])} | {pct(lg['top5'])} | {dec} "
+            f"| {rep['produce_seconds']:.2f} | {rep['check_seconds']:.2f} |"
+        )
     return out
 
 
@@ -65,12 +68,18 @@ def main() -> int:
         trained_dir = train_tiny(random_dir, work / "trained", args.steps)
         train_s = time.time() - t0
         opts = ConvertOptions(threads=args.threads)
-        results = {label: convert(d, work / f"gguf-{label}", "tiny", opts, force=True)
-                   for label, d in (("random", random_dir), (f"trained {args.steps} steps", trained_dir))}
-        print(f"tiny Phi-3 (hidden 256, 2 layers, vocab 32064): built in {build_s:.1f} s, trained in {train_s:.1f} s; "
-              f"threads {args.threads or os.cpu_count()}\n")
-        print("| model | type | size MiB | max\\|Δ\\| | bound | mean\\|Δ\\| | KL | top-1 | top-5 | decisive: top-1 "
-              "| produce s | check s |")
+        results = {
+            label: convert(d, work / f"gguf-{label}", "tiny", opts, force=True)
+            for label, d in (("random", random_dir), (f"trained {args.steps} steps", trained_dir))
+        }
+        print(
+            f"tiny Phi-3 (hidden 256, 2 layers, vocab 32064): built in {build_s:.1f} s, trained in {train_s:.1f} s; "
+            f"threads {args.threads or os.cpu_count()}\n"
+        )
+        print(
+            "| model | type | size MiB | max\\|Δ\\| | bound | mean\\|Δ\\| | KL | top-1 | top-5 | decisive: top-1 "
+            "| produce s | check s |"
+        )
         print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
         for label, res in results.items():
             print("\n".join(rows(label, res.manifest)))
@@ -78,9 +87,11 @@ def main() -> int:
         for label, res in results.items():
             r = res.manifest["metrics"]["reference"]
             lg = res.manifest["metrics"]["types"]["F16"]["logits"]
-            print(f"{label}: {r['positions']} positions, largest |HF logit| {lg['reference_max_abs']:.3g}, "
-                  f"median top-1 margin {lg['reference_margin_median']:.3g} nat (decisive: > {DECISIVE_MARGIN}), "
-                  f"HF float32 reference {r['seconds']:.1f} s, whole conversion {res.manifest['seconds']:.1f} s")
+            print(
+                f"{label}: {r['positions']} positions, largest |HF logit| {lg['reference_max_abs']:.3g}, "
+                f"median top-1 margin {lg['reference_margin_median']:.3g} nat (decisive: > {DECISIVE_MARGIN}), "
+                f"HF float32 reference {r['seconds']:.1f} s, whole conversion {res.manifest['seconds']:.1f} s"
+            )
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

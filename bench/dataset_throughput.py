@@ -3,6 +3,7 @@
     python bench/dataset_throughput.py [--records 100000]
 Prints a table: records, seconds, records/s, peak RSS growth (MiB), written / duplicates / rejected.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,29 @@ def make_input(path: Path, n: int, seed: int = 0) -> None:
                 fh.write('{"broken": \n')
                 continue
             ja = rng.random() < 0.6
-            q = f"質問その{i}: 日本の文化について教えてください。" if ja else f"Question {i}: tell me about Japanese culture."
-            a = "日本の文化には茶道や俳句があります。" * rng.randint(1, 8) if ja else "Japan has tea ceremony and haiku. " * rng.randint(1, 8)
-            fh.write(json.dumps({"instruction": q, "output": a, "four_class_label": rng.choice(LABELS),
-                                 "domain_label": "culture", "safety_label": "safe"}, ensure_ascii=False) + "\n")
+            q = (
+                f"質問その{i}: 日本の文化について教えてください。"
+                if ja
+                else f"Question {i}: tell me about Japanese culture."
+            )
+            a = (
+                "日本の文化には茶道や俳句があります。" * rng.randint(1, 8)
+                if ja
+                else "Japan has tea ceremony and haiku. " * rng.randint(1, 8)
+            )
+            fh.write(
+                json.dumps(
+                    {
+                        "instruction": q,
+                        "output": a,
+                        "four_class_label": rng.choice(LABELS),
+                        "domain_label": "culture",
+                        "safety_label": "safe",
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
 
 
 def rss_mib() -> float:
@@ -53,7 +73,9 @@ def main() -> None:
             m = build([str(src)], Path(tmp) / f"out-{n}", DatasetOptions(), force=True).metrics
             dt = time.perf_counter() - t0
             rows.append((n, dt, n / dt, rss_mib() - base, m["written"], m["duplicates"], m["rejected"]))
-    print(f"{'records':>9} {'seconds':>8} {'rec/s':>9} {'peak RSS +MiB':>13} {'written':>8} {'dupes':>6} {'rejected':>8}")
+    print(
+        f"{'records':>9} {'seconds':>8} {'rec/s':>9} {'peak RSS +MiB':>13} {'written':>8} {'dupes':>6} {'rejected':>8}"
+    )
     for n, dt, rate, mem, w, d, r in rows:
         print(f"{n:>9} {dt:>8.2f} {rate:>9.0f} {mem:>13.1f} {w:>8} {d:>6} {r:>8}")
 

@@ -8,6 +8,7 @@ the assistant half + PET + orthogonality), the optimizer. Random weights, random
 Prints a table: median step seconds, tokens/s, peak memory (CUDA: max allocated; CPU: peak RSS growth over
 the loaded model), and the gates' step-time overhead. Targets: overhead <= 2%; phi35 8-bit under 11.5 GB.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def build_model(size: str, directory: Path) -> None:
 
     hidden, layers, heads, inter, *_ = SIZES[size]
     torch.manual_seed(0)
-    model = Phi3ForCausalLM._from_config(tiny_config(hidden, layers, heads, inter), dtype=torch.bfloat16
-                                         if size == "phi35" else torch.float32)
+    model = Phi3ForCausalLM._from_config(
+        tiny_config(hidden, layers, heads, inter), dtype=torch.bfloat16 if size == "phi35" else torch.float32
+    )
     model.save_pretrained(directory, safe_serialization=True)
 
 
@@ -58,13 +60,15 @@ def child(size: str, variant: str, model_dir: str, steps: int) -> dict:
     _, _, _, _, seq, quant, r = SIZES[size]
     device = setup().device
     cuda = device.type == "cuda"
-    mcfg = ModelSection(base_model=model_dir, quantization=quant, precision="bf16" if cuda else "fp32",
-                        gradient_checkpointing=cuda)
+    mcfg = ModelSection(
+        base_model=model_dir, quantization=quant, precision="bf16" if cuda else "fp32", gradient_checkpointing=cuda
+    )
     model = add_lora(load_base(mcfg, model_dir, device), LoraSection(r=r, alpha=2 * r, dropout=0.05), model_dir, 0)
     gates = attach_gates(model, None, None, 0.05, seed=0) if variant == "lora+gates" else {}
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(OptimSection(optimizer="paged_adamw_8bit" if cuda else "adamw_torch"),
-                          [{"params": params}], device)
+    opt = build_optimizer(
+        OptimSection(optimizer="paged_adamw_8bit" if cuda else "adamw_torch"), [{"params": params}], device
+    )
     objective = Objective(model, gates, pet_enabled=True, huber_delta=0.0).train()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 32000, (1, seq), generator=g).to(device)
@@ -96,17 +100,30 @@ def child(size: str, variant: str, model_dir: str, steps: int) -> dict:
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
         kind = "RSS growth"
-    return {"size": size, "variant": variant, "seq": seq, "quant": quant, "device": str(device), "times": times,
-            "peak_mib": peak, "mem_kind": kind, "threads": torch.get_num_threads()}
+    return {
+        "size": size,
+        "variant": variant,
+        "seq": seq,
+        "quant": quant,
+        "device": str(device),
+        "times": times,
+        "peak_mib": peak,
+        "mem_kind": kind,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=sorted(SIZES))
     ap.add_argument("--steps", type=int, default=5, help="timed steps per run (after 2 warm-up steps)")
-    ap.add_argument("--rounds", type=int, default=2,
-                    help="runs per variant, interleaved (lora, gates, lora, …); a shared CPU is noisy, so the "
-                         "table shows the fastest step and the median")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="runs per variant, interleaved (lora, gates, lora, …); a shared CPU is noisy, so the "
+        "table shows the fastest step and the median",
+    )
     ap.add_argument("--child", nargs=3, metavar=("SIZE", "VARIANT", "MODEL_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -119,15 +136,30 @@ def main() -> None:
             build_model(size, model_dir)
             for _ in range(args.rounds):
                 for variant in VARIANTS:
-                    out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--child", size,
-                                          variant, str(model_dir)], capture_output=True, text=True, cwd=REPO,
-                                         env=dict(os.environ, SO8T_PROGRESS="0"))
+                    out = subprocess.run(
+                        [
+                            sys.executable,
+                            __file__,
+                            "--steps",
+                            str(args.steps),
+                            "--child",
+                            size,
+                            variant,
+                            str(model_dir),
+                        ],
+                        capture_output=True,
+                        text=True,
+                        cwd=REPO,
+                        env=dict(os.environ, SO8T_PROGRESS="0"),
+                    )
                     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
                     if out.returncode or not line:
                         sys.exit(f"{size}/{variant} failed:\n{out.stderr[-3000:]}")
                     results.setdefault((size, variant), []).append(json.loads(line[0][7:]))
-    print(f"{'size':<6} {'variant':<11} {'device':<7} {'quant':<5} {'seq':>5} {'best s':>7} {'median s':>8} "
-          f"{'tok/s':>7} {'peak MiB':>9}  {'gate overhead (best / median)':>29}")
+    print(
+        f"{'size':<6} {'variant':<11} {'device':<7} {'quant':<5} {'seq':>5} {'best s':>7} {'median s':>8} "
+        f"{'tok/s':>7} {'peak MiB':>9}  {'gate overhead (best / median)':>29}"
+    )
     best: dict[str, tuple[float, float]] = {}
     for (size, variant), runs in results.items():
         times = [t for r in runs for t in r["times"]]
@@ -139,11 +171,15 @@ def main() -> None:
         else:
             over = f"{100 * (b / best[size][0] - 1):+.1f}% / {100 * (m / best[size][1] - 1):+.1f}%"
         peak = max(x["peak_mib"] for x in runs)
-        print(f"{size:<6} {variant:<11} {r['device']:<7} {r['quant']:<5} {r['seq']:>5} {b:>7.3f} {m:>8.3f} "
-              f"{r['seq'] / b:>7.0f} {peak:>9.0f}  {over:>29}")
+        print(
+            f"{size:<6} {variant:<11} {r['device']:<7} {r['quant']:<5} {r['seq']:>5} {b:>7.3f} {m:>8.3f} "
+            f"{r['seq'] / b:>7.0f} {peak:>9.0f}  {over:>29}"
+        )
     first = next(iter(results.values()))[0]
-    print(f"(peak memory: {first['mem_kind']}; CPU threads {first['threads']}; {args.rounds} runs x {args.steps} "
-          f"steps per variant)")
+    print(
+        f"(peak memory: {first['mem_kind']}; CPU threads {first['threads']}; {args.rounds} runs x {args.steps} "
+        f"steps per variant)"
+    )
 
 
 if __name__ == "__main__":

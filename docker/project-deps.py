@@ -6,6 +6,7 @@ stays in pyproject.toml and the exact versions in constraints.txt (`pip install 
     python project-deps.py pyproject.toml                       # every runtime dependency
     python project-deps.py pyproject.toml --only fastapi ollama # a subset (the think-api image); unknown names fail
 """
+
 from __future__ import annotations
 
 import argparse

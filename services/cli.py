@@ -3,6 +3,7 @@
 Every stage module exposes `add_arguments(parser)` and `run(args) -> int` in `services.<stage>.cli`, kept free
 of heavy imports so `so8t --help` is instant; `python -m services.<stage>` runs the same code.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Save a tiny random-weight Phi-3 with a Phi-3-style tokenizer (for tests, demos and benchmarks)."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,14 @@ def run(args: argparse.Namespace) -> int:
     if args.hidden % 256:
         print(f"--hidden {args.hidden}: must be a multiple of 256 (K-quants work on 256-wide blocks)", file=sys.stderr)
         return 2
-    out = build_tiny_model(args.output, seed=args.seed, hidden=args.hidden, layers=args.layers,
-                           heads=args.heads, intermediate=args.intermediate)
+    out = build_tiny_model(
+        args.output,
+        seed=args.seed,
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        intermediate=args.intermediate,
+    )
     logs.get("tiny-model").info("tiny Phi-3 written to %s", out)
     print(out)
     return 0

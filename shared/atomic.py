@@ -1,4 +1,5 @@
 """Crash-safe writes: temp path, fsync, rename. A crash never leaves a half artifact that looks whole."""
+
 from __future__ import annotations
 
 import contextlib

@@ -2,6 +2,7 @@
 
 Unknown keys and wrong types are errors that name the file, the line and the dotted key.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -3,6 +3,7 @@
 The CLI edge (services/cli.py) catches StageError once, prints it and exits with its code; anything else is a bug
 and keeps its traceback.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

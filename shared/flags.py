@@ -10,6 +10,7 @@ Nested models are reached by dotted paths (`add(parser, TrainConfig, ["train.max
 Field kinds: bool (--x / --no-x), scalars and Literal choices, lists (nargs="+"), dict[KEY, number] and
 dict[KEY, Model] (repeatable KEY=VALUE; for a model, one flag per numeric field of it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,16 +33,21 @@ class _Option:
     sub: str | None = None  # for dict[KEY, Model]: the model's field this flag sets
 
     @property
+    def extra(self) -> dict[str, Any]:
+        """The field's `json_schema_extra`: `flags` (renames, e.g. {"kl": "max-kl"}) and `key` (KEY=VALUE's name)."""
+        extra = self.field.json_schema_extra
+        return extra if isinstance(extra, dict) else {}
+
+    @property
     def flag(self) -> str:
-        extra = self.field.json_schema_extra if isinstance(self.field.json_schema_extra, dict) else {}
         name = self.sub or self.path.rsplit(".", 1)[-1]
-        return "--" + str(extra.get("flags", {}).get(name) or extra.get("flag") or name.replace("_", "-"))
+        renames = self.extra.get("flags")
+        renamed = renames.get(name) if isinstance(renames, dict) else None
+        return "--" + str(renamed or name.replace("_", "-"))
 
     @property
     def key(self) -> str:
-        """What KEY=VALUE flags call their key (the field's `key` extra, else KEY)."""
-        extra = self.field.json_schema_extra if isinstance(self.field.json_schema_extra, dict) else {}
-        return str(extra.get("key", "KEY"))
+        return str(self.extra.get("key", "KEY"))
 
     @property
     def dest(self) -> str:
@@ -82,7 +88,7 @@ def _field(model: type[BaseModel], path: str) -> FieldInfo:
 
 def _options(model: type[BaseModel], paths: Iterable[str] | None) -> list[_Option]:
     out = []
-    for path in (paths if paths is not None else list(model.model_fields)):
+    for path in paths if paths is not None else list(model.model_fields):
         f = _field(model, path)
         tp = _strip_optional(f.annotation)
         if get_origin(tp) is dict and isinstance(get_args(tp)[1], type) and issubclass(get_args(tp)[1], BaseModel):
@@ -106,6 +112,7 @@ def _default(f: FieldInfo) -> Any:
 
 def _keyed(keys: tuple | None, kind: type, opt: _Option):
     """argparse type for KEY=VALUE."""
+
     def parse(text: str) -> tuple[str, Any]:
         key, sep, value = text.partition("=")
         if not sep or (keys is not None and key not in keys):
@@ -115,12 +122,14 @@ def _keyed(keys: tuple | None, kind: type, opt: _Option):
             return key, kind(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a {kind.__name__}") from None
+
     parse.__name__ = opt.flag
     return parse
 
 
-def add(parser: argparse.ArgumentParser, model: type[BaseModel], paths: Iterable[str] | None = None,
-        overrides: bool = False) -> None:
+def add(
+    parser: argparse.ArgumentParser, model: type[BaseModel], paths: Iterable[str] | None = None, overrides: bool = False
+) -> None:
     """One flag per option of `model` (or per dotted path in `paths`), help and choices from the field.
 
     `overrides`: the flags override a config file's values (so the file, not the model, has the default)."""
@@ -202,8 +211,11 @@ def to_argv(opts: BaseModel, paths: Iterable[str] | None = None) -> list[str]:
         value = getattr(opts, opt.path)
         default = _default(opt.field)
         if opt.sub is not None:
-            pairs = [f"{k}={_fmt(getattr(v, opt.sub))}" for k, v in value.items()
-                     if default is None or k not in default or getattr(default[k], opt.sub) != getattr(v, opt.sub)]
+            pairs = [
+                f"{k}={_fmt(getattr(v, opt.sub))}"
+                for k, v in value.items()
+                if default is None or k not in default or getattr(default[k], opt.sub) != getattr(v, opt.sub)
+            ]
             for pair in pairs:
                 argv += [opt.flag, pair]
             continue

@@ -1,15 +1,16 @@
 """Where every artifact lives on the data volume (docs/design.md "Data volume").
 
-    <data>/input/four_class/*.jsonl
-    <data>/datasets/<dataset_id>/{train,val,rejects}.jsonl, manifest.json
-    <data>/models/tiny/                      the tiny random Phi-3 (tiny profile)
-    <data>/runs/<run_id>/train/{checkpoints/checkpoint-<step>, final}/
-    <data>/runs/<run_id>/baked/
-    <data>/runs/<run_id>/gguf/<name>-{F16,Q8_0,Q4_K_M}.gguf
-    <data>/runs/<run_id>/ollama/{Modelfile,smoke.json}
-    <data>/runs/<run_id>/{stack/, logs/, status.json}
-    <data>/hf_cache/   <data>/audit/
+<data>/input/four_class/*.jsonl
+<data>/datasets/<dataset_id>/{train,val,rejects}.jsonl, manifest.json
+<data>/models/tiny/                      the tiny random Phi-3 (tiny profile)
+<data>/runs/<run_id>/train/{checkpoints/checkpoint-<step>, final}/
+<data>/runs/<run_id>/baked/
+<data>/runs/<run_id>/gguf/<name>-{F16,Q8_0,Q4_K_M}.gguf
+<data>/runs/<run_id>/ollama/{Modelfile,smoke.json}
+<data>/runs/<run_id>/{stack/, logs/, status.json}
+<data>/hf_cache/   <data>/audit/
 """
+
 from __future__ import annotations
 
 import os
@@ -124,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=("input", "run", "stack"))
     args = p.parse_args(argv)
     layout = Layout(Path(args.data_dir)) if args.data_dir else Layout.from_env()
-    path = {"input": lambda: layout.input_glob.parent, "run": lambda: layout.run(args.run_id).root,
-            "stack": lambda: layout.run(args.run_id).stack}[args.what]()
+    path = {
+        "input": lambda: layout.input_glob.parent,
+        "run": lambda: layout.run(args.run_id).root,
+        "stack": lambda: layout.run(args.run_id).stack,
+    }[args.what]()
     print(path)
     return 0
 

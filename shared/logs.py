@@ -1,4 +1,5 @@
 """Readable logs and progress bars for every stage."""
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +32,9 @@ def get(name: str) -> logging.Logger:
     return logging.getLogger(f"so8t.{name}")
 
 
-def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it") -> Iterator[T]:
+def progress(
+    iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"
+) -> Iterator[T]:
     """A progress bar on stderr; quiet when stderr is not a terminal unless $SO8T_PROGRESS=1."""
     force = os.environ.get("SO8T_PROGRESS")
     disable = (force == "0") or (force is None and not sys.stderr.isatty())

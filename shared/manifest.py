@@ -2,6 +2,7 @@
 
 A stage whose manifest names the same inputs (by hash) and the same config hash is up to date and is skipped.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -8,6 +8,7 @@ Its weight λ follows a three-phase schedule by training progress: exploration (
 (next 40%: 0.05), stabilisation (last 40%: 0.1). Phase boundaries are computed with exact fractions, so with
 100 steps step 19 is exploration and step 20 transition, step 59 transition and step 60 stabilisation.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

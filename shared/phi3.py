@@ -6,6 +6,7 @@
   GGUF (`blk.0.…`) spelling alike: SO(8) gate parameters, LoRA leftovers, rotations. The baker refuses to save
   such a tensor and the converter refuses a GGUF that has one. (`gate_up_proj` is stock: a whole word is needed.)
 """
+
 from __future__ import annotations
 
 import re

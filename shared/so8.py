@@ -7,6 +7,7 @@ trainer uses `SO8Gate` on the input of `self_attn.o_proj`, the baker folds the s
   exact bake is W' = W @ blockdiag(R).
 - Saved as safetensors with keys ``layers.<i>.A`` plus metadata (layer indices, conventions).
 """
+
 from __future__ import annotations
 
 import json

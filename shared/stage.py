@@ -10,6 +10,7 @@
 3. The manifest is written last, into the staging directory, which then replaces the output as a whole (fsynced
    and renamed). A failure anywhere leaves the previous output untouched.
 """
+
 from __future__ import annotations
 
 import time
@@ -66,8 +67,11 @@ class Spec:
         if not manifest.is_up_to_date(self.output, self.stage, self.inputs, self.digest):
             return None
         m = manifest.read(self.output) or {}
-        missing = [name for name, size in m.get("files", {}).items()
-                   if not (self.output / name).is_file() or (self.output / name).stat().st_size != size]
+        missing = [
+            name
+            for name, size in m.get("files", {}).items()
+            if not (self.output / name).is_file() or (self.output / name).stat().st_size != size
+        ]
         if missing:
             log.warning("%s: manifest matches but %s is missing or changed size: rebuilding", self.output, missing[0])
             return None
@@ -80,11 +84,11 @@ def publish(spec: Spec, build: Callable[[Path], Built], started: float | None = 
     try:
         with atomic.staging_dir(spec.output) as tmp:
             built = build(tmp)
-            m = manifest.build(spec.stage, spec.inputs, spec.config, spec.digest, started, built.metrics,
-                               built.outputs)
+            m = manifest.build(spec.stage, spec.inputs, spec.config, spec.digest, started, built.metrics, built.outputs)
             m.update(built.extra)
-            m["files"] = {p.relative_to(tmp).as_posix(): p.stat().st_size
-                          for p in sorted(tmp.rglob("*")) if p.is_file()}
+            m["files"] = {
+                p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
+            }
             manifest.write(tmp, m)
     except StageError as err:
         err.output = err.output or spec.output

@@ -15,6 +15,7 @@ Quadruple format::
 The four-class label lives in the thinking as a verdict line (``判定: ALLOW`` or ``Verdict: ALLOW``).
 The parser never returns thinking text as the answer: on malformed output ``final`` is ``None``.
 """
+
 from __future__ import annotations
 
 import re
@@ -84,7 +85,7 @@ def verdict_line(label: Label, lang: str = "ja") -> str:
 
 def find_label(thinking: str) -> Label | None:
     found = _VERDICT_RE.findall(thinking)
-    return found[-1] if found else None  # type: ignore[return-value]
+    return found[-1] if found else None
 
 
 def _fold(text: str) -> str:
@@ -92,11 +93,33 @@ def _fold(text: str) -> str:
 
 
 # Look-alikes NFKC leaves as they are: other angle brackets, and Cyrillic/Greek/Armenian letters that look Latin.
-_LOOKALIKES = str.maketrans({
-    **dict.fromkeys("‹〈《⟨˂❮〈ᐸ", "<"),
-    "а": "a", "α": "a", "с": "c", "е": "e", "һ": "h", "і": "i", "ı": "i", "ɪ": "i", "ι": "i", "к": "k", "κ": "k",
-    "ӏ": "l", "ⅼ": "l", "ո": "n", "η": "n", "о": "o", "ο": "o", "р": "p", "ѕ": "s", "т": "t", "τ": "t", "у": "y",
-})
+_LOOKALIKES = str.maketrans(
+    {
+        **dict.fromkeys("‹〈《⟨˂❮〈ᐸ", "<"),
+        "а": "a",
+        "α": "a",
+        "с": "c",
+        "е": "e",
+        "һ": "h",
+        "і": "i",
+        "ı": "i",
+        "ɪ": "i",
+        "ι": "i",
+        "к": "k",
+        "κ": "k",
+        "ӏ": "l",
+        "ⅼ": "l",
+        "ո": "n",
+        "η": "n",
+        "о": "o",
+        "ο": "o",
+        "р": "p",
+        "ѕ": "s",
+        "т": "t",
+        "τ": "t",
+        "у": "y",
+    }
+)
 
 
 def has_tag(text: str) -> bool:
@@ -121,7 +144,12 @@ def has_template_token(text: str) -> bool:
 
 def render_assistant(thinking: Thinking, final: str, fmt: Format) -> str:
     """Assistant text in the given format. Raises ValueError on parts that would not parse back."""
-    for name, part in (("task", thinking.task), ("safety", thinking.safety), ("policy", thinking.policy), ("final", final)):
+    for name, part in (
+        ("task", thinking.task),
+        ("safety", thinking.safety),
+        ("policy", thinking.policy),
+        ("final", final),
+    ):
         if has_tag(part) or has_heading(part) or has_template_token(part):
             raise ValueError(f"{name} part contains a format marker or template token")
     if not final.strip():

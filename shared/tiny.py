@@ -6,6 +6,7 @@ ids (<|endoftext|> 32000, <|assistant|> 32001, <|system|> 32006, <|end|> 32007, 
 llama.cpp's converter treats it exactly like the real one. The model keeps longrope and a hidden size that is
 a multiple of 256 (K-quants need whole 256-wide blocks).
 """
+
 from __future__ import annotations
 
 import io
@@ -19,25 +20,56 @@ from shared.think_format import PHI35_CHAT_TEMPLATE
 SP_PIECES = 32000
 VOCAB_SIZE = 32064
 SPECIAL_TOKENS = {
-    "<|endoftext|>": 32000, "<|assistant|>": 32001, "<|placeholder1|>": 32002, "<|placeholder2|>": 32003,
-    "<|placeholder3|>": 32004, "<|placeholder4|>": 32005, "<|system|>": 32006, "<|end|>": 32007,
-    "<|placeholder5|>": 32008, "<|placeholder6|>": 32009, "<|user|>": 32010,
+    "<|endoftext|>": 32000,
+    "<|assistant|>": 32001,
+    "<|placeholder1|>": 32002,
+    "<|placeholder2|>": 32003,
+    "<|placeholder3|>": 32004,
+    "<|placeholder4|>": 32005,
+    "<|system|>": 32006,
+    "<|end|>": 32007,
+    "<|placeholder5|>": 32008,
+    "<|placeholder6|>": 32009,
+    "<|user|>": 32010,
 }
 
 _CORPUS = [
-    "# 思考ステップ", "# 最終回答", "判定: ALLOW", "判定: ESCALATION", "判定: DENY", "判定: REFUSE",
-    "Verdict: ALLOW", "Verdict: ESCALATION", "Verdict: DENY", "Verdict: REFUSE",
-    "<think-task>", "</think-task>", "<think-safety>", "</think-safety>", "<think-policy>", "</think-policy>",
-    "<final>", "</final>",
-    "依頼の内容を確認します。ユーザーは情報を求めています。", "安全性を評価します。危険な要素は見当たりません。",
-    "適用される方針: 一般的な情報提供は許可されます。", "専門家への引き継ぎが必要です。医療や法律の判断は人間が行います。",
-    "この依頼には応じられません。代わりに安全な方法をご案内します。", "申し訳ありませんが、お手伝いできません。",
-    "日本の首都は東京です。富士山は日本で一番高い山です。", "2+2は4です。計算の答えは4です。",
-    "The user asks for information. The request is safe.", "Applicable policy: general information is allowed.",
+    "# 思考ステップ",
+    "# 最終回答",
+    "判定: ALLOW",
+    "判定: ESCALATION",
+    "判定: DENY",
+    "判定: REFUSE",
+    "Verdict: ALLOW",
+    "Verdict: ESCALATION",
+    "Verdict: DENY",
+    "Verdict: REFUSE",
+    "<think-task>",
+    "</think-task>",
+    "<think-safety>",
+    "</think-safety>",
+    "<think-policy>",
+    "</think-policy>",
+    "<final>",
+    "</final>",
+    "依頼の内容を確認します。ユーザーは情報を求めています。",
+    "安全性を評価します。危険な要素は見当たりません。",
+    "適用される方針: 一般的な情報提供は許可されます。",
+    "専門家への引き継ぎが必要です。医療や法律の判断は人間が行います。",
+    "この依頼には応じられません。代わりに安全な方法をご案内します。",
+    "申し訳ありませんが、お手伝いできません。",
+    "日本の首都は東京です。富士山は日本で一番高い山です。",
+    "2+2は4です。計算の答えは4です。",
+    "The user asks for information. The request is safe.",
+    "Applicable policy: general information is allowed.",
     "This needs a human expert: medical and legal decisions are made by people.",
-    "I cannot help with that request. Here is a safer alternative.", "I'm sorry, but I can't help with that.",
-    "What is 2+2? The answer is 4.", "The capital of Japan is Tokyo.", "Explain how photosynthesis works.",
-    "質問: 光合成の仕組みを説明してください。", "回答: 植物は光のエネルギーを使って二酸化炭素と水から糖を作ります。",
+    "I cannot help with that request. Here is a safer alternative.",
+    "I'm sorry, but I can't help with that.",
+    "What is 2+2? The answer is 4.",
+    "The capital of Japan is Tokyo.",
+    "Explain how photosynthesis works.",
+    "質問: 光合成の仕組みを説明してください。",
+    "回答: 植物は光のエネルギーを使って二酸化炭素と水から糖を作ります。",
 ]
 
 
@@ -47,16 +79,29 @@ def _train_sentencepiece(vocab: int = 1000) -> bytes:
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS * 20), model_writer=buf, vocab_size=vocab, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity", add_dummy_prefix=True,
-        remove_extra_whitespaces=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        hard_vocab_limit=False, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(_CORPUS * 20),
+        model_writer=buf,
+        vocab_size=vocab,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
     )
-    proto = pb.ModelProto()
+    proto = pb.ModelProto()  # type: ignore[attr-defined]  # generated protobuf code
     proto.ParseFromString(buf.getvalue())
     for i in range(len(proto.pieces), SP_PIECES):  # pad to Phi-3's 32000 pieces so special ids line up
         piece = proto.pieces.add()
-        piece.piece, piece.score, piece.type = f"<unused{i}>", -1e9, pb.ModelProto.SentencePiece.UNUSED
+        piece.piece, piece.score, piece.type = f"<unused{i}>", -1e9, pb.ModelProto.SentencePiece.UNUSED  # type: ignore[attr-defined]
     return proto.SerializeToString()
 
 
@@ -81,24 +126,48 @@ def build_tokenizer(out: str | Path):
     # (" " -> "▁") and has no pre-tokenizer, like llama.cpp's SentencePiece tokeniser; the conversion above gives a
     # Metaspace pre-tokenizer that prepends "▁" to the first piece only, so the ids after a special token differed.
     spec = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
-    spec["normalizer"] = {"type": "Sequence", "normalizers": [
-        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    spec["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        ],
+    }
     spec["pre_tokenizer"] = None
     atomic.write_text(out / "tokenizer.json", json.dumps(spec, ensure_ascii=False, indent=2))
     (out / "chat_template.jinja").unlink(missing_ok=True)
     # tokenizer_config.json in the shape Phi-3.5-mini-instruct ships (older loaders and llama.cpp read it)
-    atomic.write_json(out / "tokenizer_config.json", {
-        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": None,
-        "added_tokens_decoder": {
-            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": t != "<|endoftext|>",
-                     "single_word": False, "special": True}
-            for t, i in SPECIAL_TOKENS.items()
+    atomic.write_json(
+        out / "tokenizer_config.json",
+        {
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "add_prefix_space": None,
+            "added_tokens_decoder": {
+                str(i): {
+                    "content": t,
+                    "lstrip": False,
+                    "normalized": False,
+                    "rstrip": t != "<|endoftext|>",
+                    "single_word": False,
+                    "special": True,
+                }
+                for t, i in SPECIAL_TOKENS.items()
+            },
+            "bos_token": "<s>",
+            "chat_template": PHI35_CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False,
+            "eos_token": "<|endoftext|>",
+            "legacy": False,
+            "model_max_length": 131072,
+            "pad_token": "<|endoftext|>",
+            "padding_side": "left",
+            "sp_model_kwargs": {},
+            "tokenizer_class": "LlamaTokenizer",
+            "unk_token": "<unk>",
+            "use_default_system_prompt": False,
         },
-        "bos_token": "<s>", "chat_template": PHI35_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
-        "eos_token": "<|endoftext|>", "legacy": False, "model_max_length": 131072, "pad_token": "<|endoftext|>",
-        "padding_side": "left", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>",
-        "use_default_system_prompt": False,
-    })
+    )
     atomic.write_json(out / "added_tokens.json", SPECIAL_TOKENS)
     atomic.write_json(
         out / "special_tokens_map.json",
@@ -114,13 +183,25 @@ def tiny_config(hidden: int = 256, layers: int = 2, heads: int = 4, intermediate
     half = hidden // heads // 2
     short = [round(1.0 + 1.8 * (i / (half - 1)) ** 2, 4) for i in range(half)]
     long = [round(1.0 + 63.0 * (1 - math.cos(math.pi * i / (half - 1))) / 2, 4) for i in range(half)]
-    return Phi3Config(
-        vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=131072,
-        original_max_position_embeddings=4096, rope_theta=10000.0,
+    return Phi3Config(  # type: ignore[call-arg]  # rope_* are config attributes transformers' stubs omit
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        rope_theta=10000.0,
         rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long},
-        bos_token_id=1, eos_token_id=32000, pad_token_id=32000, tie_word_embeddings=False,
-        sliding_window=None, attention_dropout=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+        bos_token_id=1,
+        eos_token_id=32000,
+        pad_token_id=32000,
+        tie_word_embeddings=False,
+        sliding_window=None,
+        attention_dropout=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
     )
 
 
@@ -139,8 +220,15 @@ def build_tiny_model(out: str | Path, seed: int = 0, **sizes) -> Path:
     return out
 
 
-def teach(src: str | Path, dst: str | Path, ids: list[int], start: int = 1, steps: int = 30, lr: float = 3e-3,
-          stop_loss: float = 0.0) -> Path:
+def teach(
+    src: str | Path,
+    dst: str | Path,
+    ids: list[int],
+    start: int = 1,
+    steps: int = 30,
+    lr: float = 3e-3,
+    stop_loss: float = 0.0,
+) -> Path:
     """Save to `dst` the tiny model at `src` trained to continue ids[:start] with ids[start:] (greedily).
 
     For tests and benches that need a model with clear first choices, or one that writes a known reply: AdamW on
@@ -166,7 +254,7 @@ def teach(src: str | Path, dst: str | Path, ids: list[int], start: int = 1, step
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # 5e-3 oscillates; 3e-3 converges
     model.train()
     for _ in range(steps):
-        hidden = model.model(input_ids=inputs).last_hidden_state[0, start - 1:]
+        hidden = model.model(input_ids=inputs).last_hidden_state[0, start - 1 :]
         loss = torch.nn.functional.cross_entropy(hidden @ head.T, target)
         opt.zero_grad()
         loss.backward()

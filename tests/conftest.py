@@ -1,4 +1,5 @@
 """Fixtures shared by every stage's tests: the tiny Phi-3 and, when present, the real Phi-3.5 tokenizer."""
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 
 Requests go through the real HTTP server (uvicorn on 127.0.0.1) with the FIXED-OUTPUT backend (not a model).
 """
+
 from __future__ import annotations
 
 import sqlite3
@@ -26,8 +27,11 @@ def _reply_for(prompt: str) -> str:
     """A /think reply whose thinking and answer carry markers derived from the request number in the prompt."""
     n = int(prompt.rsplit("request #", 1)[1].split("<|end|>", 1)[0])
     label = LABELS[n % 4]
-    th = Thinking(f"THINKMARK-{n:04d}-task reasoning", f"THINKMARK-{n:04d}-safety\n{verdict_line(label, 'en')}",
-                  f"THINKMARK-{n:04d}-policy")
+    th = Thinking(
+        f"THINKMARK-{n:04d}-task reasoning",
+        f"THINKMARK-{n:04d}-safety\n{verdict_line(label, 'en')}",
+        f"THINKMARK-{n:04d}-policy",
+    )
     return render_assistant(th, f"ANSWERMARK-{n:04d}", "quadruple" if n % 2 else "simple")
 
 
@@ -39,10 +43,13 @@ def served(tmp_path_factory):
     audit = AuditLog(db)
     with serve_background(create_app(backend, audit)) as url:
         with httpx.Client(base_url=url, timeout=30) as client, ThreadPoolExecutor(16) as pool:
-            responses = list(pool.map(
-                lambda i: client.post("/think", json={"prompt": f"PROMPTMARK request #{i}"}), range(N)))
-            rejected = [client.post("/think", json={"prompt": "PROMPTMARK request #1", "max_tokens": 10**6}),
-                        client.post("/think", content=b"{broken")]
+            responses = list(
+                pool.map(lambda i: client.post("/think", json={"prompt": f"PROMPTMARK request #{i}"}), range(N))
+            )
+            rejected = [
+                client.post("/think", json={"prompt": "PROMPTMARK request #1", "max_tokens": 10**6}),
+                client.post("/think", content=b"{broken"),
+            ]
     audit.close()
     return db, responses, rejected
 
@@ -62,8 +69,11 @@ def test_n_concurrent_requests_make_n_rows_and_a_valid_chain(served):
     for resp in responses:
         body, row = resp.json(), by_id[resp.json()["request_id"]]
         n = int(resp.request.content.decode().rsplit("#", 1)[1].split('"')[0])
-        thinking = Thinking(f"THINKMARK-{n:04d}-task reasoning", f"THINKMARK-{n:04d}-safety\n"
-                            f"{verdict_line(LABELS[n % 4], 'en')}", f"THINKMARK-{n:04d}-policy").text()
+        thinking = Thinking(
+            f"THINKMARK-{n:04d}-task reasoning",
+            f"THINKMARK-{n:04d}-safety\n{verdict_line(LABELS[n % 4], 'en')}",
+            f"THINKMARK-{n:04d}-policy",
+        ).text()
         assert (row["label"], row["status"], row["http_status"]) == (body["safety_label"], body["status"], 200)
         assert row["thinking_sha256"] == body["internal_reasoning_hash"] == gate.sha256(thinking)
         assert row["answer_sha256"] == gate.sha256(body["answer"]) and row["answer_chars"] == len(body["answer"])
@@ -97,9 +107,13 @@ def test_editing_any_column_of_any_row_fails_verify_at_that_row(served, tmp_path
     db, _, _ = served
     columns = [name for name, _ in FIELDS] + ["prev_hash", "row_hash"]
     for col in columns:
-        copy = _edited_copy(db, tmp_path / f"{col}.sqlite3",
-                            f"UPDATE audit SET {col} = CASE WHEN typeof({col}) IN ('integer', 'real') THEN {col} + 1 "
-                            f"WHEN {col} IS NULL THEN 'x' ELSE {col} || 'x' END WHERE seq = ?", (seq,))
+        copy = _edited_copy(
+            db,
+            tmp_path / f"{col}.sqlite3",
+            f"UPDATE audit SET {col} = CASE WHEN typeof({col}) IN ('integer', 'real') THEN {col} + 1 "
+            f"WHEN {col} IS NULL THEN 'x' ELSE {col} || 'x' END WHERE seq = ?",
+            (seq,),
+        )
         v = verify(copy)
         assert (v.ok, v.broken_seq) == (False, seq), col
 
@@ -116,8 +130,11 @@ def test_a_forged_row_needs_every_later_hash_rewritten(served, tmp_path):
     """Recomputing the edited row's own hash is not enough: the next row's link breaks."""
     db, _, _ = served
     # Flip the label to one it is not (rows are in arrival order, so seq 7's label varies from run to run).
-    copy = _edited_copy(db, tmp_path / "forged.sqlite3", "UPDATE audit SET label = CASE WHEN label = 'ALLOW' "
-                                                          "THEN 'DENY' ELSE 'ALLOW' END WHERE seq = 7")
+    copy = _edited_copy(
+        db,
+        tmp_path / "forged.sqlite3",
+        "UPDATE audit SET label = CASE WHEN label = 'ALLOW' THEN 'DENY' ELSE 'ALLOW' END WHERE seq = 7",
+    )
     r = rows(copy)[6]
     assert r["label"] != rows(db)[6]["label"]
     conn = sqlite3.connect(copy)
@@ -144,8 +161,17 @@ def test_audit_verify_cli(served, tmp_path, capsys):
 def test_default_path_is_under_data_dir(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DATA_DIR", str(tmp_path))
     log = AuditLog()
-    log.append({"request_id": "r", "model": "m", "backend": "b", "status": "answered", "http_status": 200,
-                "escalated": False, "latency_ms": 1.5})
+    log.append(
+        {
+            "request_id": "r",
+            "model": "m",
+            "backend": "b",
+            "status": "answered",
+            "http_status": 200,
+            "escalated": False,
+            "latency_ms": 1.5,
+        }
+    )
     log.close()
     assert (tmp_path / "audit" / "think_audit.sqlite3").is_file()
     assert run_stage("services.think_api.audit_cli", ["verify"]) == 0
@@ -158,8 +184,17 @@ def test_two_writers_on_one_file_keep_one_chain(tmp_path):
 
     def write(k: int) -> None:
         for i in range(40):
-            logs[k].append({"request_id": f"{k}-{i}", "model": "m", "backend": "b", "status": "answered",
-                            "http_status": 200, "escalated": 0, "latency_ms": i})
+            logs[k].append(
+                {
+                    "request_id": f"{k}-{i}",
+                    "model": "m",
+                    "backend": "b",
+                    "status": "answered",
+                    "http_status": 200,
+                    "escalated": 0,
+                    "latency_ms": i,
+                }
+            )
 
     threads = [threading.Thread(target=write, args=(k,)) for k in (0, 1)]
     for t in threads:

@@ -1,5 +1,6 @@
 """Baker: the fold is exact, the baked model reloads as stock Phi-3 and computes the trained function, a wrong
 fold is caught, bad inputs fail naming the file with nothing written."""
+
 from __future__ import annotations
 
 import json
@@ -43,10 +44,15 @@ def make_trained(base: Path, out: Path, seed: int = 0, gate_scale: float = GATE_
     gates = {i: torch.randn(hidden // 8, 8, 8, generator=g) * gate_scale for i in range(layers)}
     so8.save_gates(out / GATES, gates, hidden)
     m = manifest.build("train", {}, {}, "test", time.time(), {"steps": 0})
-    m.update({"base_model": str(base), "base_model_sha256": manifest.sha256_tree(base),
-              "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": PHI3_TARGETS},
-              "gates": {"layer_indices": sorted(gates), "init_scale": gate_scale, "hidden_size": hidden},
-              "quantization": "none"})
+    m.update(
+        {
+            "base_model": str(base),
+            "base_model_sha256": manifest.sha256_tree(base),
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": PHI3_TARGETS},
+            "gates": {"layer_indices": sorted(gates), "init_scale": gate_scale, "hidden_size": hidden},
+            "quantization": "none",
+        }
+    )
     manifest.write(out, m)
     return out
 
@@ -89,6 +95,7 @@ def transposed_fold(W, R):
 
 # --- the fold ------------------------------------------------------------------------------------------------
 
+
 def test_fold_equals_gated_lora_module():
     """A PEFT LoRA Linear behind an SO8Gate pre-hook == x @ W'ᵀ with W' = (W + s·B·A) @ blockdiag(R)."""
     from peft import LoraConfig, get_peft_model
@@ -126,14 +133,19 @@ def test_fold_equals_gated_lora_module():
 
 
 def test_forbidden_tensor_names():
-    for bad in ("model.layers.0.self_attn.so8t_gate.A", "model.layers.1.mlp.down_proj.lora_B.weight",
-                "gates.layers.3.A", "model.layers.0.self_attn.rotation"):
+    for bad in (
+        "model.layers.0.self_attn.so8t_gate.A",
+        "model.layers.1.mlp.down_proj.lora_B.weight",
+        "gates.layers.3.A",
+        "model.layers.0.self_attn.rotation",
+    ):
         assert FORBIDDEN_NAME.search(bad), bad
     for good in ("model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.self_attn.o_proj.weight", "lm_head.weight"):
         assert not FORBIDDEN_NAME.search(good), good
 
 
 # --- end to end on the tiny model ----------------------------------------------------------------------------
+
 
 def test_fp32_bake_reloads_as_stock_phi3_and_matches(baked_fp32, trained_dir, tiny_model_dir):
     m = json.loads((baked_fp32 / "manifest.json").read_text())
@@ -153,13 +165,15 @@ def test_fp32_bake_reloads_as_stock_phi3_and_matches(baked_fp32, trained_dir, ti
     from services.trainer.gates import attach_gates
 
     gates, _ = so8.load_gates(trained_dir / GATES)
-    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
-                                    trained_dir).eval()
+    ref = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), trained_dir
+    ).eval()
     attach_gates(ref, gates, None, 0.0)
     got = AutoModelForCausalLM.from_pretrained(baked_fp32).eval()
     assert type(got) is Phi3ForCausalLM and got.dtype == torch.float32
-    ids = AutoTokenizer.from_pretrained(baked_fp32)("<|user|>\n東京について教えて。<|end|>\n<|assistant|>\n",
-                                                    return_tensors="pt")["input_ids"]
+    ids = AutoTokenizer.from_pretrained(baked_fp32)(
+        "<|user|>\n東京について教えて。<|end|>\n<|assistant|>\n", return_tensors="pt"
+    )["input_ids"]
     with torch.no_grad():
         diff = (ref(input_ids=ids).logits - got(input_ids=ids).logits).abs().max()
     assert diff <= 1e-4
@@ -258,6 +272,7 @@ def test_cli_wrong_fold_exits_non_zero_and_previous_bake_kept(baked_fp32, traine
 
 # --- bad inputs: a clear error naming the file, nothing written ----------------------------------------------
 
+
 def _edit_json(path: Path, **changes) -> None:
     d = json.loads(path.read_text())
     d.update(changes)
@@ -268,8 +283,16 @@ def _llama_adapter(out: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=4))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        )
+    )
     get_peft_model(llama, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(out)
 
 
@@ -278,18 +301,22 @@ CASES = {
     "missing gates": (lambda t, b: (t / GATES).unlink(), lambda t, b: t / GATES),
     "missing trained manifest": (lambda t, b: (t / "manifest.json").unlink(), lambda t, b: t / "manifest.json"),
     "missing tokenizer": (lambda t, b: (b / "tokenizer.model").unlink(), lambda t, b: b / "tokenizer.model"),
-    "no chat template": (lambda t, b: _edit_json(b / "tokenizer_config.json", chat_template=None),
-                         lambda t, b: b / "tokenizer_config.json"),
-    "base with other hidden size": (lambda t, b: _edit_json(b / "config.json", hidden_size=512),
-                                    lambda t, b: t / GATES),
-    "base with fewer layers": (lambda t, b: _edit_json(b / "config.json", num_hidden_layers=1),
-                               lambda t, b: t / GATES),
+    "no chat template": (
+        lambda t, b: _edit_json(b / "tokenizer_config.json", chat_template=None),
+        lambda t, b: b / "tokenizer_config.json",
+    ),
+    "base with other hidden size": (
+        lambda t, b: _edit_json(b / "config.json", hidden_size=512),
+        lambda t, b: t / GATES,
+    ),
+    "base with fewer layers": (lambda t, b: _edit_json(b / "config.json", num_hidden_layers=1), lambda t, b: t / GATES),
     "base not phi3": (lambda t, b: _edit_json(b / "config.json", model_type="llama"), lambda t, b: b / "config.json"),
     "adapter for llama": (lambda t, b: _llama_adapter(t), lambda t, b: t / "adapter_config.json"),
-    "truncated adapter": (lambda t, b: (t / "adapter_model.safetensors").write_bytes(b"\x10\x00"),
-                          lambda t, b: t / "adapter_model.safetensors"),
-    "gates not a gates file": (lambda t, b: (t / GATES).write_bytes(b"junk"),
-                               lambda t, b: t / GATES),
+    "truncated adapter": (
+        lambda t, b: (t / "adapter_model.safetensors").write_bytes(b"\x10\x00"),
+        lambda t, b: t / "adapter_model.safetensors",
+    ),
+    "gates not a gates file": (lambda t, b: (t / GATES).write_bytes(b"junk"), lambda t, b: t / GATES),
 }
 
 
@@ -345,11 +372,17 @@ def test_fp16_overflow_is_an_error(trained_dir, tmp_path):
 
 # --- realism and entry points --------------------------------------------------------------------------------
 
+
 def test_real_phi35_tokenizer_is_carried_over(real_tokenizer_dir, trained_dir, tiny_model_dir, tmp_path):
     """The tiny weights with the real Phi-3.5 tokenizer (same 32064 vocabulary): copied verbatim, prompts verify."""
     b = copy(tiny_model_dir, tmp_path / "base")
-    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "added_tokens.json"):
+    for name in (
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+    ):
         shutil.copyfile(real_tokenizer_dir / name, b / name)
     out = tmp_path / "baked"
     m = bake(trained_dir, out, BakeOptions(dtype="float32"), base=str(b)).manifest

@@ -3,6 +3,7 @@
 No Docker engine is needed: `config` only parses, interpolates and validates. The binary is called directly (the
 package's Python wrapper always exits 0).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,13 @@ from shared.layout import GGUF_TYPES, Layout, gguf_name, ollama_tag
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "compose.yaml"
 STAGES = ["dataset", "trainer", "baker", "converter", "ollama-import"]  # in chain order
-CHAIN = {"dataset": ["dataset"], "trainer": ["train"], "baker": ["bake"], "converter": ["convert"],
-         "ollama-import": ["ollama-import", "ollama-smoke"]}  # the chain's stages each service runs
+CHAIN = {
+    "dataset": ["dataset"],
+    "trainer": ["train"],
+    "baker": ["bake"],
+    "converter": ["convert"],
+    "ollama-import": ["ollama-import", "ollama-smoke"],
+}  # the chain's stages each service runs
 CONTAINER = Layout(Path("/data"))  # DATA_DIR in every container
 SERVICES = set(STAGES) | {"ollama", "think-api"}
 GPU_STAGES = {"trainer", "baker"}
@@ -61,8 +67,9 @@ def empty_env_file(tmp_path_factory) -> Path:
     return p
 
 
-def compose(compose_bin: Path, *args: str, env_file: Path, env: dict[str, str] | None = None,
-            profiles: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def compose(
+    compose_bin: Path, *args: str, env_file: Path, env: dict[str, str] | None = None, profiles: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR")}
     cmd = [str(compose_bin), "--project-directory", str(REPO), "-f", str(COMPOSE_FILE), "--env-file", str(env_file)]
     for p in profiles:
@@ -129,13 +136,15 @@ def parsed(argv: list[str]) -> argparse.Namespace:
 def opt(argv: list[str], flag: str, n: int = 1) -> str | list[str]:
     """The value(s) after `flag` in argv (the test's own lookup, independent of the stage's parser)."""
     i = argv.index(flag)
-    return argv[i + 1] if n == 1 else argv[i + 1:i + 1 + n]
+    return argv[i + 1] if n == 1 else argv[i + 1 : i + 1 + n]
 
 
 # ---- the binary's own validation -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("profiles, services", [((), {"ollama", "think-api"}), (("pipeline",), SERVICES)],
-                         ids=["no-profile", "pipeline"])
+
+@pytest.mark.parametrize(
+    "profiles, services", [((), {"ollama", "think-api"}), (("pipeline",), SERVICES)], ids=["no-profile", "pipeline"]
+)
 def test_config_validates_with_and_without_each_profile(compose_bin, empty_env_file, profiles, services):
     r = compose(compose_bin, "config", "-q", env_file=empty_env_file, profiles=profiles)
     assert r.returncode == 0 and r.stderr == "", r.stderr
@@ -147,8 +156,12 @@ def test_config_rejects_a_broken_file(compose_bin, empty_env_file, tmp_path):
     """The check can fail: an unknown key makes the same binary exit non-zero."""
     bad = tmp_path / "compose.yaml"
     bad.write_text(COMPOSE_FILE.read_text().replace("restart: unless-stopped", "restart_policy: unless-stopped", 1))
-    r = subprocess.run([str(compose_bin), "-f", str(bad), "--env-file", str(empty_env_file), "config", "-q"],
-                       capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run(
+        [str(compose_bin), "-f", str(bad), "--env-file", str(empty_env_file), "config", "-q"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert r.returncode != 0 and "restart_policy" in r.stderr
 
 
@@ -158,6 +171,7 @@ def test_profiles_in_the_file_are_the_ones_tested():
 
 
 # ---- the rendered configuration ------------------------------------------------------------------------------
+
 
 def test_restart_policies(config):
     s = config["services"]
@@ -199,8 +213,19 @@ def test_gpu_reservations_only_for_trainer_and_baker(config, compose_bin, empty_
 def test_ollama_gpu_override(compose_bin, empty_env_file):
     """docker/compose.ollama-gpu.yaml (opt-in) gives the Ollama server a GPU and changes nothing else."""
     clean = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR")}
-    cmd = [str(compose_bin), "--project-directory", str(REPO), "-f", str(COMPOSE_FILE), "-f",
-           str(REPO / "docker" / "compose.ollama-gpu.yaml"), "--env-file", str(empty_env_file), "--profile", "pipeline"]
+    cmd = [
+        str(compose_bin),
+        "--project-directory",
+        str(REPO),
+        "-f",
+        str(COMPOSE_FILE),
+        "-f",
+        str(REPO / "docker" / "compose.ollama-gpu.yaml"),
+        "--env-file",
+        str(empty_env_file),
+        "--profile",
+        "pipeline",
+    ]
     r = subprocess.run(cmd + ["config", "--format", "json"], capture_output=True, text=True, env=clean, timeout=60)
     assert r.returncode == 0, r.stderr
     both = json.loads(r.stdout)
@@ -269,11 +294,13 @@ def test_stages_chain_through_manifests_not_depends_on(config):
         assert not set(s[name].get("depends_on", {})) & set(STAGES), f"{name} depends_on another stage"
         assert wrapper_args(s[name]).config == wrapper_args(s["dataset"]).config  # one profile, one stack dir
         first = jobs[0].commands[0]
-        outputs[name] = {"dataset": lambda a: opt(a, "--output"),
-                         "trainer": lambda a: opt(a, "--output-dir") + "/final",
-                         "baker": lambda a: opt(a, "--output"),
-                         "converter": lambda a: opt(a, "--output-dir"),
-                         "ollama-import": lambda a: opt(a, "--run-dir")}[name](first)
+        outputs[name] = {
+            "dataset": lambda a: opt(a, "--output"),
+            "trainer": lambda a: opt(a, "--output-dir") + "/final",
+            "baker": lambda a: opt(a, "--output"),
+            "converter": lambda a: opt(a, "--output-dir"),
+            "ollama-import": lambda a: opt(a, "--run-dir"),
+        }[name](first)
     for up, down in zip(STAGES, STAGES[1:]):
         first = stage_jobs(s[down])[0]
         assert [(u.name, str(u.manifest_dir)) for u in first.upstreams] == [(CHAIN[up][-1], outputs[up])], down
@@ -306,6 +333,7 @@ def test_stage_inputs_are_their_upstreams_outputs(config):
 
 # ---- every command a service runs is a real CLI entry --------------------------------------------------------
 
+
 def _commands(config) -> list[tuple[str, list[str]]]:
     out = []
     for name in sorted(config["services"]):
@@ -329,8 +357,9 @@ def test_every_service_command_is_a_real_cli_entry(config):
             continue
         # the real entry: `python -m services.<x> --help` (with the subcommand, if any) exits 0
         sub = [a for a in argv[3:4] if not a.startswith("-")]
-        r = subprocess.run([sys.executable, "-m", module, *sub, "--help"], capture_output=True, text=True,
-                           cwd=REPO, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", module, *sub, "--help"], capture_output=True, text=True, cwd=REPO, timeout=120
+        )
         assert r.returncode == 0 and "usage:" in r.stdout, f"{name}: {module} --help\n{r.stderr}"
         # and the service's exact arguments parse with that module's own parser
         cli = importlib.import_module(f"{module}.cli")
@@ -345,8 +374,14 @@ def test_every_service_command_is_a_real_cli_entry(config):
     assert r.returncode == 0 and "usage:" in r.stdout
     if skipped:
         pytest.skip("stage module not written yet, its command unchecked: " + "; ".join(skipped))
-    assert {"services.dataset", "services.trainer", "services.baker", "services.converter", "services.ollama",
-            "services.think_api"} <= set(seen)
+    assert {
+        "services.dataset",
+        "services.trainer",
+        "services.baker",
+        "services.converter",
+        "services.ollama",
+        "services.think_api",
+    } <= set(seen)
 
 
 def test_extra_run_arguments_go_to_the_stage_command(config):
@@ -357,6 +392,7 @@ def test_extra_run_arguments_go_to_the_stage_command(config):
 
 
 # ---- the profiles' settings: configs/pipeline/<profile>.yaml and compose.yaml agree -----------------------------
+
 
 @pytest.mark.parametrize("profile", ["full", "fast"])
 def test_compose_runs_the_profile_chain(compose_bin, empty_env_file, profile):
@@ -375,7 +411,8 @@ def test_compose_runs_the_profile_chain(compose_bin, empty_env_file, profile):
     run = CONTAINER.run(cfg.run_id)
     ds = stage_commands(s["dataset"])[1][0]
     assert [opt(ds, "--input")] == [str(CONTAINER.input_glob)] and opt(ds, "--output") == str(
-        CONTAINER.dataset(cfg.dataset.id))
+        CONTAINER.dataset(cfg.dataset.id)
+    )
     assert flags.parse(DatasetOptions, parsed(ds)).format == cfg.dataset.format
     train = stage_commands(s["trainer"])[1][0]
     assert opt(train, "--config") == cfg.train.config
@@ -394,9 +431,11 @@ def test_compose_runs_the_profile_chain(compose_bin, empty_env_file, profile):
 
 def test_stage_options_round_trip_through_the_command_line():
     """The plan's stage commands carry every profile option: parsed back, they give the profile's own values."""
-    for opts in (BakeOptions(dtype="float32", noise_margin=2.5),
-                 ConvertOptions(types=["Q4_K_M"], thresholds={"Q8_0": {"max_abs": 0.2}}, token_check="fail"),
-                 DatasetOptions(format="quadruple", val_ratio=0.1, min_quality=0.3)):
+    for opts in (
+        BakeOptions(dtype="float32", noise_margin=2.5),
+        ConvertOptions(types=["Q4_K_M"], thresholds={"Q8_0": {"max_abs": 0.2}}, token_check="fail"),
+        DatasetOptions(format="quadruple", val_ratio=0.1, min_quality=0.3),
+    ):
         p = argparse.ArgumentParser(exit_on_error=False)
         flags.add(p, type(opts))
         assert flags.parse(type(opts), p.parse_args(flags.to_argv(opts))) == opts
@@ -411,6 +450,7 @@ def test_trainer_configs_exist_for_each_profile(config):
 
 
 # ---- .env.example --------------------------------------------------------------------------------------------
+
 
 def _env_example_keys() -> set[str]:
     text = (REPO / ".env.example").read_text()
@@ -431,8 +471,13 @@ def test_env_example_values_are_the_compose_defaults(compose_bin, empty_env_file
 
 # ---- the Makefile drives this compose file ------------------------------------------------------------------------
 
-STAGE_TARGETS = {"dataset": "dataset", "train": "trainer", "bake": "baker", "convert": "converter",
-                 "import": "ollama-import"}
+STAGE_TARGETS = {
+    "dataset": "dataset",
+    "train": "trainer",
+    "bake": "baker",
+    "convert": "converter",
+    "import": "ollama-import",
+}
 
 STUB_DOCKER = """#!/usr/bin/env bash
 # stand-in for the docker CLI (no engine here): records each call, answers `ps -q` and `wait`
@@ -453,8 +498,13 @@ def make(*args: str, tmp_path: Path, env: dict[str, str] | None = None) -> subpr
     (stub / "docker").chmod(0o755)
     full_env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR")}
     full_env.update(PATH=f"{stub}:{full_env['PATH']}", STUB_LOG=str(tmp_path / "calls.log"), **(env or {}))
-    return subprocess.run(["make", "--no-print-directory", "-C", str(REPO), f"DATA_DIR={tmp_path / 'data'}", *args],
-                          capture_output=True, text=True, env=full_env, timeout=60)
+    return subprocess.run(
+        ["make", "--no-print-directory", "-C", str(REPO), f"DATA_DIR={tmp_path / 'data'}", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=60,
+    )
 
 
 @pytest.fixture()
@@ -470,11 +520,14 @@ def test_make_stage_targets_run_one_service(needs_make, config, tmp_path, target
     call = (tmp_path / "calls.log").read_text().splitlines()[-1]
     service = STAGE_TARGETS[target]
     assert service in config["services"]
-    assert call.endswith(f"--profile pipeline run --rm{' --no-deps' if target != 'import' else ''} "
-                         f"-e SO8T_PIPELINE_ID= -e SO8T_WAIT_TIMEOUT=0 {service} --max-steps 5"), call
+    assert call.endswith(
+        f"--profile pipeline run --rm{' --no-deps' if target != 'import' else ''} "
+        f"-e SO8T_PIPELINE_ID= -e SO8T_WAIT_TIMEOUT=0 {service} --max-steps 5"
+    ), call
     # the data folder exists before Docker would create it (as root), seeded with the example input
-    assert sorted(p.name for p in (tmp_path / "data" / "input" / "four_class").iterdir()) == \
-        sorted(p.name for p in (REPO / "examples" / "four_class").glob("*.jsonl"))
+    assert sorted(p.name for p in (tmp_path / "data" / "input" / "four_class").iterdir()) == sorted(
+        p.name for p in (REPO / "examples" / "four_class").glob("*.jsonl")
+    )
 
 
 @pytest.mark.parametrize("rc", ["0", "3"])

@@ -6,6 +6,7 @@ Top-1 agreement is asserted on a second model, the tiny one trained until its fi
 model has near-flat logits, where any rounding flips the argmax); that one is converted through the CLI into a
 copy of the first output, which also shows that a changed model is reconverted.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -86,8 +87,14 @@ def _link_model(src: Path, dst: Path, leave_out: tuple[str, ...] = ()) -> Path:
 
 
 def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.converter", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ, SO8T_PROGRESS="0"))
+    return subprocess.run(
+        [sys.executable, "-m", "services.converter", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, SO8T_PROGRESS="0"),
+    )
 
 
 def train_tiny(src: Path, dst: Path) -> Path:
@@ -260,7 +267,9 @@ def test_corrupted_tensor_fails_on_logits(tmp_path, converted, tiny_reference, t
 def test_header_mismatch_fails_before_running(converted, tiny_reference, tiny_model_dir):
     exp = header.Expected.from_model_dir(tiny_model_dir)
     with pytest.raises(CheckFailed) as err:
-        check_file(gguf_files(converted)["F16"], "F16", tiny_reference, dataclasses.replace(exp, block_count=3), _opts())
+        check_file(
+            gguf_files(converted)["F16"], "F16", tiny_reference, dataclasses.replace(exp, block_count=3), _opts()
+        )
     assert "phi3.block_count is 2, expected 3" in err.value.reasons
     assert "tensor blk.2.attn_norm.weight missing" in err.value.reasons
     assert "logits" not in err.value.report
@@ -321,8 +330,13 @@ def test_skip_follows_content_and_config(tmp_path, monkeypatch, converted, tiny_
     assert _snapshot(out) == before
 
     monkeypatch.setattr(convert_module.reference, "compute", no_reference)
-    for changed in (_opts(n_ctx=1024), _opts(smoke_tokens=8), _opts(types=["F16", "Q8_0"]), _opts(token_check="fail"),
-                    _opts(thresholds={"Q8_0": Thresholds(max_abs=0.2, rel_max_abs=0.03, kl=1e-2)})):
+    for changed in (
+        _opts(n_ctx=1024),
+        _opts(smoke_tokens=8),
+        _opts(types=["F16", "Q8_0"]),
+        _opts(token_check="fail"),
+        _opts(thresholds={"Q8_0": Thresholds(max_abs=0.2, rel_max_abs=0.03, kl=1e-2)}),
+    ):
         with pytest.raises(Reconverts):
             convert(model, out, NAME, changed)
     with pytest.raises(Reconverts):
@@ -464,16 +478,35 @@ def test_cli_help_and_errors(tmp_path, tiny_model_dir):
     h = _cli("--help", timeout=60)
     assert h.returncode == 0 and "--model" in h.stdout and "Q4_K_M" in h.stdout
     cases = {
-        "missing model": (["--model", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "out"), "--name", NAME],
-                          "model directory not found"),
-        "bad name": (["--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "out"), "--name", "a/b"],
-                     "--name 'a/b'"),
-        "bad type": (["--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "out"), "--name", NAME,
-                      "--types", "Q5_K"], "invalid choice"),
-        "bad threshold": (["--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "out"), "--name", NAME,
-                           "--max-abs", "Q5=1"], "expected TYPE=VALUE"),
-        "bad n_ctx": (["--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "out"), "--name", NAME,
-                       "--n-ctx", "99999"], "n_ctx"),
+        "missing model": (
+            ["--model", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "out"), "--name", NAME],
+            "model directory not found",
+        ),
+        "bad name": (
+            ["--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "out"), "--name", "a/b"],
+            "--name 'a/b'",
+        ),
+        "bad type": (
+            ["--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "out"), "--name", NAME, "--types", "Q5_K"],
+            "invalid choice",
+        ),
+        "bad threshold": (
+            [
+                "--model",
+                str(tiny_model_dir),
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--name",
+                NAME,
+                "--max-abs",
+                "Q5=1",
+            ],
+            "expected TYPE=VALUE",
+        ),
+        "bad n_ctx": (
+            ["--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "out"), "--name", NAME, "--n-ctx", "99999"],
+            "n_ctx",
+        ),
         "no args": ([], "required"),
     }
     for case, (argv, needle) in cases.items():

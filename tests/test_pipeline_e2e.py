@@ -1,5 +1,6 @@
 """End to end: the native chain on the tiny profile, from the shipped example data to a /think answer from the
 Q4_K_M GGUF through the llama.cpp backend; a second run skips every stage; a killed trainer resumes."""
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,20 @@ pytestmark = pytest.mark.slow
 
 def _pipeline(data: Path, *extra: str, wait: bool = True):
     env = dict(os.environ, PYTHONPATH=str(REPO), SO8T_PROGRESS="0", OLLAMA_HOST="http://127.0.0.1:9")
-    argv = [sys.executable, "-m", "services.pipeline", "--config", "configs/pipeline/tiny.yaml",
-            "--data-dir", str(data), *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "services.pipeline",
+        "--config",
+        "configs/pipeline/tiny.yaml",
+        "--data-dir",
+        str(data),
+        *extra,
+    ]
     if not wait:
-        return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+        return subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
     return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
 
 
@@ -78,7 +88,8 @@ def test_second_run_skips_every_stage(data, first_run):
     assert r.returncode == 0, r.stdout[-4000:]
     status = json.loads((data / "runs" / "tiny" / "status.json").read_text())
     assert {n: s["state"] for n, s in status["stages"].items()} == {
-        n: "skipped" for n in ("dataset", "train", "bake", "convert")}
+        n: "skipped" for n in ("dataset", "train", "bake", "convert")
+    }
 
 
 def test_killed_trainer_resumes_and_finishes(data, first_run):

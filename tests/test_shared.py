@@ -1,4 +1,5 @@
 """Shared library: typed config errors, atomic writes, manifests, the tiny model, the CLI."""
+
 import json
 import os
 import subprocess
@@ -105,10 +106,17 @@ def test_tiny_model_is_phi3_with_real_special_ids(tiny_model_dir, tiny_tokenizer
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
     assert rope["rope_type" if "rope_type" in rope else "type"] == "longrope"
     assert len(rope["short_factor"]) == cfg["hidden_size"] // cfg["num_attention_heads"] // 2
-    ids = {t: tiny_tokenizer.convert_tokens_to_ids(t) for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
-                                                                 "<|endoftext|>")}
-    assert ids == {"<|system|>": 32006, "<|user|>": 32010, "<|assistant|>": 32001, "<|end|>": 32007,
-                   "<|endoftext|>": 32000}
+    ids = {
+        t: tiny_tokenizer.convert_tokens_to_ids(t)
+        for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>")
+    }
+    assert ids == {
+        "<|system|>": 32006,
+        "<|user|>": 32010,
+        "<|assistant|>": 32001,
+        "<|end|>": 32007,
+        "<|endoftext|>": 32000,
+    }
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(tiny_model_dir / "tokenizer.model"))
@@ -121,11 +129,18 @@ def test_every_cli_command_has_help():
     from services.cli import COMMANDS
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-m", "services", "--help"], env=env, capture_output=True, text=True,
-                         cwd=REPO, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "services", "--help"], env=env, capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert out.returncode == 0
     for name in COMMANDS:
         assert name in out.stdout, f"so8t {name} missing from --help"
-        sub = subprocess.run([sys.executable, "-m", "services", name, "--help"], env=env, capture_output=True,
-                             text=True, cwd=REPO, timeout=120)
+        sub = subprocess.run(
+            [sys.executable, "-m", "services", name, "--help"],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
         assert sub.returncode == 0 and "usage:" in sub.stdout, (name, sub.stderr[-2000:])

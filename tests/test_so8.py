@@ -1,4 +1,5 @@
 """The SO(8) gate maths (shared/so8.py): rotations, the gated linear layer and its fold, the gates file."""
+
 from __future__ import annotations
 
 import pytest

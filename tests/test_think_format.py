@@ -1,4 +1,5 @@
 """The /think format: round trips, Phi-3.5 template equality, and the parser's totality."""
+
 import pytest
 
 from shared.think_format import (
@@ -46,23 +47,40 @@ def test_renderer_refuses_parts_that_would_not_parse_back(bad):
         render_assistant(Thinking("ok"), bad, "quadruple")
 
 
-@pytest.mark.parametrize("text, why", [
-    ("", "empty"),
-    ("just an answer with no thinking", "no thinking section"),
-    ("# 思考ステップ\nthinking only, truncated", "no final-answer heading"),
-    ("# 思考ステップ\nA\n# 最終回答\nB\n# 最終回答\nC", "repeated"),
-    ("# 思考ステップ\nA\n# 最終回答\nB\n# 思考ステップ\nleak", "thinking heading repeated"),
-    ("<think-task>a</think-task><think-safety>b</think-safety><think-policy>c</think-policy><final>d", "unclosed"),
-    ("<think-task>a</think-task><think-safety>b</think-safety><think-policy>c</think-policy><final>d</final>secret",
-     "text after final"),
-    ("<think-task>a</think-task><think-safety>b</think-safety><think-policy>c</think-policy><FINAL>d</FINAL>", "case"),
-    ("<think-task>a</think-task><think-safety>b</think-safety><think-policy>c</think-policy><final>d<think-task>x"
-     "</final>", "tag inside"),
-    ("<think-task>a</think-task><think-safety>b</think-safety><think-policy>c</think-policy>"
-     "<final>d ＜/think-task＞ e</final>", "fullwidth look-alike"),
-    ("<think-task>a</think-task><think-safety>b</think-safety><think-policy>c</think-policy>"
-     "<final>d<|user|>e</final>", "template token"),
-])
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("", "empty"),
+        ("just an answer with no thinking", "no thinking section"),
+        ("# 思考ステップ\nthinking only, truncated", "no final-answer heading"),
+        ("# 思考ステップ\nA\n# 最終回答\nB\n# 最終回答\nC", "repeated"),
+        ("# 思考ステップ\nA\n# 最終回答\nB\n# 思考ステップ\nleak", "thinking heading repeated"),
+        ("<think-task>a</think-task><think-safety>b</think-safety><think-policy>c</think-policy><final>d", "unclosed"),
+        (
+            "<think-task>a</think-task><think-safety>b</think-safety><think-policy>c</think-policy><final>d</final>secret",
+            "text after final",
+        ),
+        (
+            "<think-task>a</think-task><think-safety>b</think-safety><think-policy>c</think-policy><FINAL>d</FINAL>",
+            "case",
+        ),
+        (
+            "<think-task>a</think-task><think-safety>b</think-safety><think-policy>c</think-policy><final>d<think-task>x"
+            "</final>",
+            "tag inside",
+        ),
+        (
+            "<think-task>a</think-task><think-safety>b</think-safety><think-policy>c</think-policy>"
+            "<final>d ＜/think-task＞ e</final>",
+            "fullwidth look-alike",
+        ),
+        (
+            "<think-task>a</think-task><think-safety>b</think-safety><think-policy>c</think-policy>"
+            "<final>d<|user|>e</final>",
+            "template token",
+        ),
+    ],
+)
 def test_malformed_output_never_yields_a_final(text, why):
     out = parse(text)
     assert not out.ok and out.final is None and out.thinking is None, why
@@ -83,18 +101,25 @@ def test_render_chat_matches_design_template():
 
 def _conversations():
     for fmt in FORMATS:
-        yield [{"role": "system", "content": system_prompt(fmt)}, {"role": "user", "content": "2+2は？\n# 見出し"},
-               {"role": "assistant", "content": render_assistant(THINKING, FINAL, fmt)}]
-    yield [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-           {"role": "user", "content": "What is 2+2?"}]
+        yield [
+            {"role": "system", "content": system_prompt(fmt)},
+            {"role": "user", "content": "2+2は？\n# 見出し"},
+            {"role": "assistant", "content": render_assistant(THINKING, FINAL, fmt)},
+        ]
+    yield [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "What is 2+2?"},
+    ]
 
 
 def test_render_chat_equals_our_tokenizer_template(tiny_tokenizer):
     assert tiny_tokenizer.chat_template == PHI35_CHAT_TEMPLATE
     for conv in _conversations():
         for gen in (False, True):
-            assert render_chat(conv, gen) == tiny_tokenizer.apply_chat_template(conv, tokenize=False,
-                                                                                 add_generation_prompt=gen)
+            assert render_chat(conv, gen) == tiny_tokenizer.apply_chat_template(
+                conv, tokenize=False, add_generation_prompt=gen
+            )
 
 
 @pytest.mark.real_tokenizer

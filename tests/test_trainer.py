@@ -4,6 +4,7 @@ after SIGKILL, corrupted checkpoints, DDP) is in test_trainer_resume.py and test
 
 `sft_records` / `write_dataset` / `tiny_train_config` are shared with those files.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,13 +45,26 @@ def sft_records(n: int = 16) -> list[dict]:
         fmt = "simple" if i % 2 == 0 else "quadruple"
         verdict = f"{'判定' if lang == 'ja' else 'Verdict'}: {label}"
         thinking = Thinking(f"Request {i}: {user}", f"Safety assessment.\n{verdict}", "Policy: answer helpfully.")
-        messages = [{"role": "system", "content": system_prompt(fmt)}, {"role": "user", "content": user},
-                    {"role": "assistant", "content": render_assistant(thinking, final, fmt)}]
+        messages = [
+            {"role": "system", "content": system_prompt(fmt)},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": render_assistant(thinking, final, fmt)},
+        ]
         if i == 3:  # a second turn: both assistant turns are learned
-            messages += [{"role": "user", "content": "Why?"},
-                         {"role": "assistant", "content": render_assistant(thinking, "Because it is unsafe.", fmt)}]
-        out.append({"id": f"r{i}", "messages": messages, "text": render_chat(messages), "four_class_label": label,
-                    "format": fmt, "lang": lang})
+            messages += [
+                {"role": "user", "content": "Why?"},
+                {"role": "assistant", "content": render_assistant(thinking, "Because it is unsafe.", fmt)},
+            ]
+        out.append(
+            {
+                "id": f"r{i}",
+                "messages": messages,
+                "text": render_chat(messages),
+                "four_class_label": label,
+                "format": fmt,
+                "lang": lang,
+            }
+        )
     return out
 
 
@@ -72,8 +86,20 @@ def tiny_train_config(path: Path, **sections) -> Path:
 
 
 def trainer_cmd(cfg: Path, dataset: Path, out: Path, base: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "services.trainer", "--config", str(cfg), "--dataset", str(dataset),
-            "--output-dir", str(out), "--base-model", str(base), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "services.trainer",
+        "--config",
+        str(cfg),
+        "--dataset",
+        str(dataset),
+        "--output-dir",
+        str(out),
+        "--base-model",
+        str(base),
+        *extra,
+    ]
 
 
 # --- config ---------------------------------------------------------------------------------------------------
@@ -130,8 +156,7 @@ def test_digest_ignores_save_and_log_settings(tmp_path):
 def test_cli_rejects_unknown_lora_target_with_exit_2(tmp_path, tiny_model_dir):
     cfg = tiny_train_config(tmp_path / "bad.yaml", lora={"target_modules": ["gate_proj"]})
     ds = write_dataset(tmp_path / "train.jsonl")
-    r = subprocess.run(trainer_cmd(cfg, ds, tmp_path / "out", tiny_model_dir), capture_output=True, text=True,
-                       cwd=REPO)
+    r = subprocess.run(trainer_cmd(cfg, ds, tmp_path / "out", tiny_model_dir), capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2
     assert "lora.target_modules" in r.stderr and "gate_proj" in r.stderr
     assert not (tmp_path / "out" / "final").exists()
@@ -162,8 +187,9 @@ def test_only_assistant_content_and_its_end_token_are_labelled(tiny_tokenizer):
     prefix = render_chat(rec["messages"][:2], add_generation_prompt=True)
     n_prefix = len(tiny_tokenizer(prefix, add_special_tokens=False)["input_ids"])
     assert all(t == IGNORE for t in ex.labels[:n_prefix])
-    ids = {tiny_tokenizer.convert_tokens_to_ids(t) for t in ("<|system|>", "<|user|>", "<|assistant|>",
-                                                            "<|endoftext|>")}
+    ids = {
+        tiny_tokenizer.convert_tokens_to_ids(t) for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|endoftext|>")
+    }
     assert not ids & {t for t in ex.labels if t != IGNORE}
     end_id = tiny_tokenizer.convert_tokens_to_ids("<|end|>")
     assert sum(t == end_id for t in ex.labels) == 2  # each assistant turn's <|end|>, none of the others
@@ -329,7 +355,9 @@ def test_batched_rotations_match_per_layer_ones_and_never_go_stale(tiny_model_di
         batched = model(x).logits
         assert (per_layer - batched).abs().max() < 1e-6
         assert orthogonality(gates, R).item() == pytest.approx(orthogonality(gates).item(), abs=1e-12)
-        gates[0].A.add_(torch.randn(gates[0].A.shape) * 0.1)  # what an optimizer step does: the cached rotation of layer 0 is now stale
+        gates[0].A.add_(
+            torch.randn(gates[0].A.shape) * 0.1
+        )  # what an optimizer step does: the cached rotation of layer 0 is now stale
         moved = model(x).logits
         clear_rotations(gates)
         fresh = model(x).logits
@@ -367,8 +395,12 @@ def test_objective_lm_term_equals_transformers_loss(tiny_model_dir, tiny_tokeniz
     from services.trainer.model import add_lora, load_base
     from services.trainer.objective import Objective
 
-    model = add_lora(load_base(_model_cfg("none"), str(tiny_model_dir), torch.device("cpu")),
-                     LoraSection(r=4, alpha=8, dropout=0.0), str(tiny_model_dir), seed=0)
+    model = add_lora(
+        load_base(_model_cfg("none"), str(tiny_model_dir), torch.device("cpu")),
+        LoraSection(r=4, alpha=8, dropout=0.0),
+        str(tiny_model_dir),
+        seed=0,
+    )
     gates = attach_gates(model, None, None, 0.05, seed=0)
     exs = [tokenize(tiny_tokenizer, *assistant_spans(r, "x"), 512) for r in sft_records(3)]
     ids, mask, labels = collate(exs, tiny_tokenizer.pad_token_id)
@@ -408,8 +440,9 @@ def test_quantised_base_loads_and_takes_a_training_step_on_the_cpu(quantization,
     params = [p for p in model.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 for p in params)
     before = [p.detach().clone() for p in params]
-    opt = build_optimizer(OptimSection(optimizer="paged_adamw_8bit", lr=1e-2), [{"params": params}],
-                          torch.device("cpu"))
+    opt = build_optimizer(
+        OptimSection(optimizer="paged_adamw_8bit", lr=1e-2), [{"params": params}], torch.device("cpu")
+    )
     assert isinstance(opt, torch.optim.AdamW)  # the documented CPU fallback
     exs = [tokenize(tiny_tokenizer, *assistant_spans(r, "x"), 512) for r in sft_records(2)]
     ids, mask, labels = collate(exs, tiny_tokenizer.pad_token_id)

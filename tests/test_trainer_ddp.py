@@ -1,5 +1,6 @@
 """DDP: the same command under torchrun with two CPU processes (gloo) trains the tiny model, the ranks stay in
 sync, and the result matches one process that accumulates the same global batch."""
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,19 @@ STEPS = 4
 
 
 def _settings(grad_accum: int) -> dict:
-    return dict(train={"max_steps": STEPS, "seq_len": 320, "batch_size": 1, "grad_accum": grad_accum,
-                       "num_threads": 1, "deterministic": True},
-                lora={"dropout": 0.0}, checkpoint={"save_steps": 2, "keep": 2, "save_minutes": None},
-                logging={"log_steps": 1, "tensorboard": False})
+    return dict(
+        train={
+            "max_steps": STEPS,
+            "seq_len": 320,
+            "batch_size": 1,
+            "grad_accum": grad_accum,
+            "num_threads": 1,
+            "deterministic": True,
+        },
+        lora={"dropout": 0.0},
+        checkpoint={"save_steps": 2, "keep": 2, "save_minutes": None},
+        logging={"log_steps": 1, "tensorboard": False},
+    )
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -35,8 +45,15 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 def test_two_gloo_processes_stay_in_sync_and_match_one_process(tmp_path, tiny_model_dir):
     ds = write_dataset(tmp_path / "train.jsonl")
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                "services.trainer"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "services.trainer",
+    ]
     cmd = trainer_cmd(tiny_train_config(tmp_path / "ddp.yaml", **_settings(1)), ds, ddp_out, tiny_model_dir)
     r = _run(torchrun + cmd[3:])
     assert r.returncode == 0, r.stderr[-4000:]
@@ -53,8 +70,13 @@ def test_two_gloo_processes_stay_in_sync_and_match_one_process(tmp_path, tiny_mo
     a = load_file(str(ddp_out / "final" / "adapter_model.safetensors"))
     b = load_file(str(single_out / "final" / "adapter_model.safetensors"))
     assert sorted(a) == sorted(b)
-    moved = max((b[k] - load_file(str(ddp_out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"))[k])
-                .abs().max().item() for k in b)
+    moved = max(
+        (b[k] - load_file(str(ddp_out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"))[k])
+        .abs()
+        .max()
+        .item()
+        for k in b
+    )
     assert moved > 1e-4  # the comparison below is not between two untrained adapters
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-5, f"DDP and single-process adapters differ by {worst}"

@@ -6,6 +6,7 @@ resumes from the one before.
 Kills mid-write use the trainer's test hook $SO8T_FAULT (the process SIGKILLs itself at a named point), so
 they are certain to land inside the write; the other kills are timed at random by this test.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,14 @@ pytestmark = pytest.mark.slow
 
 TOTAL = 12
 SETTINGS = dict(
-    train={"max_steps": TOTAL, "seq_len": 384, "batch_size": 2, "grad_accum": 2, "num_threads": 1,
-           "deterministic": True},
+    train={
+        "max_steps": TOTAL,
+        "seq_len": 384,
+        "batch_size": 2,
+        "grad_accum": 2,
+        "num_threads": 1,
+        "deterministic": True,
+    },
     lora={"dropout": 0.1},  # dropout draws from the RNG: its state must come back exactly
     checkpoint={"save_steps": 2, "keep": 2, "save_minutes": None},
     logging={"log_steps": 1, "tensorboard": False},
@@ -47,8 +54,9 @@ def _env(fault: str | None = None) -> dict:
 
 def _run(cmd: list[str], log: Path, fault: str | None = None) -> int:
     with open(log, "w") as fh:
-        return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(fault), cwd=REPO,
-                              timeout=300).returncode
+        return subprocess.run(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(fault), cwd=REPO, timeout=300
+        ).returncode
 
 
 def _final_tensors(final: Path) -> dict[str, torch.Tensor]:
@@ -73,19 +81,33 @@ def setup(tmp_path_factory, tiny_model_dir):
     tb_cfg = tiny_train_config(root / "reference.yaml", **dict(SETTINGS, logging={"log_steps": 1, "tensorboard": True}))
     rc = _run(trainer_cmd(tb_cfg, ds, ref, tiny_model_dir), root / "reference.log")
     assert rc == 0, (root / "reference.log").read_text()[-3000:]
-    return {"root": root, "ds": ds, "cfg": cfg, "base": tiny_model_dir, "ref": _final_tensors(ref / "final"),
-            "ref_dir": ref}
+    return {
+        "root": root,
+        "ds": ds,
+        "cfg": cfg,
+        "base": tiny_model_dir,
+        "ref": _final_tensors(ref / "final"),
+        "ref_dir": ref,
+    }
 
 
 def test_reference_run_writes_the_contract_artifact(setup):
     ref = setup["ref_dir"]
     final = ref / "final"
-    assert sorted(p.name for p in final.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                       "manifest.json", GATES_FILE]
+    assert sorted(p.name for p in final.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "manifest.json",
+        GATES_FILE,
+    ]
     m = json.loads((final / "manifest.json").read_text())
     assert m["stage"] == "train" and m["base_model"] == str(setup["base"]) and m["base_model_sha256"]
-    assert m["lora"] == {"r": 16, "alpha": 32.0, "dropout": 0.1,
-                         "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+    assert m["lora"] == {
+        "r": 16,
+        "alpha": 32.0,
+        "dropout": 0.1,
+        "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    }
     assert m["gates"] == {"layer_indices": [0, 1], "init_scale": 0.05, "hidden_size": 256}
     assert m["quantization"] == "none" and m["metrics"]["steps"] == TOTAL
     assert m["inputs"]["dataset"]["sha256"] and set(m["metrics"]["final_losses"]) == {"total", "lm", "pet", "ortho"}
@@ -100,11 +122,14 @@ def test_reference_run_writes_the_contract_artifact(setup):
     log = (setup["root"] / "reference.log").read_text()
     # the λ schedule on 12 steps: updates 0-2 exploration (< 20%), 3-7 transition (< 60%), 8-11 stabilisation;
     # the log counts updates from 1
-    phases = {int(n): (float(lam), name) for n, lam, name in
-              re.findall(r"step (\d+)/12 .*? λ ([\d.]+) \((\w+)\)", log)}
+    phases = {int(n): (float(lam), name) for n, lam, name in re.findall(r"step (\d+)/12 .*? λ ([\d.]+) \((\w+)\)", log)}
     assert sorted(phases) == list(range(1, 13))
-    assert [phases[n] for n in (3, 4, 8, 9)] == [(0.01, "exploration"), (0.05, "transition"),
-                                                 (0.05, "transition"), (0.1, "stabilisation")]
+    assert [phases[n] for n in (3, 4, 8, 9)] == [
+        (0.01, "exploration"),
+        (0.05, "transition"),
+        (0.05, "transition"),
+        (0.1, "stabilisation"),
+    ]
 
 
 def _kill_at_random(cmd: list[str], out: Path, log: Path, rng: random.Random, env_fault: str | None = None) -> bool:
@@ -139,10 +164,13 @@ def test_sigkill_at_any_instant_then_restart_ends_bitwise_equal(setup):
     assert not (ckpts / "checkpoint-4").exists() and (ckpts / "checkpoint-2" / "checkpoint.json").is_file()
     # 2-3. killed at random instants (a time-based save every ~0.1 s adds checkpoints at arbitrary steps)
     rng = random.Random(int(os.environ.get("SO8T_TEST_SEED", "1234")))
-    fast_saves = tiny_train_config(root / "fast-saves.yaml", **dict(SETTINGS, checkpoint={
-        "save_steps": 2, "keep": 2, "save_minutes": 0.002}))
-    kills = [_kill_at_random(cmd, out, root / "k2.log", rng),
-             _kill_at_random(trainer_cmd(fast_saves, ds, out, base), out, root / "k3.log", rng)]
+    fast_saves = tiny_train_config(
+        root / "fast-saves.yaml", **dict(SETTINGS, checkpoint={"save_steps": 2, "keep": 2, "save_minutes": 0.002})
+    )
+    kills = [
+        _kill_at_random(cmd, out, root / "k2.log", rng),
+        _kill_at_random(trainer_cmd(fast_saves, ds, out, base), out, root / "k3.log", rng),
+    ]
     k2 = (root / "k2.log").read_text()
     assert "removed incomplete checkpoint leftover .checkpoint-4." in k2 and "resuming from checkpoint-2" in k2
     # 4. killed while the final artifact is being written
@@ -171,8 +199,10 @@ def test_truncated_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_pre
         fh.truncate(size // 2)
     assert _run(cmd, root / "c2.log") == 0, (root / "c2.log").read_text()[-3000:]
     log = (root / "c2.log").read_text()
-    assert (f"checkpoint-8 failed verification: adapter_model.safetensors is {size // 2} bytes, the marker says "
-            f"{size} (truncated or corrupted)") in log
+    assert (
+        f"checkpoint-8 failed verification: adapter_model.safetensors is {size // 2} bytes, the marker says "
+        f"{size} (truncated or corrupted)"
+    ) in log
     assert "resuming from checkpoint-6: step 6/12" in log
     assert (ckpts / "checkpoint-8.corrupt").is_dir()
     _assert_bitwise_equal(_final_tensors(out / "final"), setup["ref"])
@@ -188,7 +218,8 @@ def test_checkpoint_from_another_config_is_not_resumed(setup, tmp_path):
     cmd = trainer_cmd(setup["cfg"], ds, out, base)
     assert _run(cmd, root / "o1.log", fault="checkpoint-done:2") == -signal.SIGKILL
     changed = tiny_train_config(tmp_path / "changed.yaml", **dict(SETTINGS, optim={"lr": 1e-4}))
-    r = subprocess.run(trainer_cmd(changed, ds, out, base), capture_output=True, text=True, env=_env(), cwd=REPO,
-                       timeout=120)
+    r = subprocess.run(
+        trainer_cmd(changed, ds, out, base), capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120
+    )
     assert r.returncode == 2 and "checkpoint-2 belongs to another run (differs in training_digest)" in r.stderr
     assert "--fresh" in r.stderr

@@ -5,6 +5,7 @@ staging directory beside the output (bounded memory, see weights.py) -> plain Ph
 the base's complete tokenizer -> reload and compare logits (verify.py) -> manifest, written last -> the staging
 directory replaces the output as a whole. Any failure removes the staging directory; the previous bake stays.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,11 @@ def _peak_rss_mib() -> float:
 
 def plain_config(base_cfg: dict[str, Any], dtype: str) -> dict[str, Any]:
     """The base's config.json as a stock Phi-3 one: no remote code, no SO8T keys, the saved dtype."""
-    cfg = {k: v for k, v in base_cfg.items()
-           if k not in ("auto_map", "_name_or_path", "quantization_config") and "so8" not in k.lower()}
+    cfg = {
+        k: v
+        for k, v in base_cfg.items()
+        if k not in ("auto_map", "_name_or_path", "quantization_config") and "so8" not in k.lower()
+    }
     cfg["architectures"] = ["Phi3ForCausalLM"]
     cfg["model_type"] = "phi3"
     cfg["dtype"] = dtype
@@ -70,15 +74,18 @@ def generation_config(base: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     path = base / "generation_config.json"
     if path.is_file():
         return bake_inputs.read_json(path, "generation config")
-    return {"_from_model_config": True, **{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                                          if k in cfg}}
+    return {
+        "_from_model_config": True,
+        **{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg},
+    }
 
 
 def check_names(out: Path) -> None:
     bad = [n for n in tensor_names(out) if NON_STOCK_TENSOR.search(n)]
     if bad:
-        raise BakeInputError(f"{out}: non-stock tensor names in the baked model: {bad[:5]} (does the base "
-                             "carry SO8T or LoRA tensors?)")
+        raise BakeInputError(
+            f"{out}: non-stock tensor names in the baked model: {bad[:5]} (does the base carry SO8T or LoRA tensors?)"
+        )
 
 
 def _config_record(opts: BakeOptions, inp: BakeInputs) -> dict[str, Any]:
@@ -97,20 +104,36 @@ def _check_base_hash(inp: BakeInputs, base_sha: str) -> None:
     trained_sha = inp.train_manifest.get("base_model_sha256")
     if not trained_sha or trained_sha == base_sha:
         return
-    msg = (f"{inp.base.path}: base model content (sha256 {base_sha[:12]}…) differs from the one the adapter was "
-           f"trained on ({inp.trained / manifest.MANIFEST}: base_model_sha256 {trained_sha[:12]}…)")
+    msg = (
+        f"{inp.base.path}: base model content (sha256 {base_sha[:12]}…) differs from the one the adapter was "
+        f"trained on ({inp.trained / manifest.MANIFEST}: base_model_sha256 {trained_sha[:12]}…)"
+    )
     if not inp.base_overridden:
         raise BakeInputError(msg + "; pass --base explicitly to bake against it anyway")
     log.warning("%s; baking anyway (--base given)", msg)
 
 
-def bake(trained: str | Path, output: str | Path, opts: BakeOptions = BakeOptions(), base: str | None = None,
-         force: bool = False, fold: Fold = fold_into_weight, attach: AttachGates | None = None) -> stage.StageResult:
+def bake(
+    trained: str | Path,
+    output: str | Path,
+    opts: BakeOptions = BakeOptions(),
+    base: str | None = None,
+    force: bool = False,
+    fold: Fold = fold_into_weight,
+    attach: AttachGates | None = None,
+) -> stage.StageResult:
     """Bake `trained` into `output`. `fold` and `attach` are injectable for tests (a wrong fold must be caught)."""
     started = time.time()
     inp = bake_inputs.load(trained, base)
-    log.info("base %s (%s), %d LoRA pairs (r=%s, alpha=%s), gates on layers %s", inp.base.name, inp.base.path,
-             len(inp.lora), inp.lora_config["r"], inp.lora_config["alpha"], sorted(inp.gates))
+    log.info(
+        "base %s (%s), %d LoRA pairs (r=%s, alpha=%s), gates on layers %s",
+        inp.base.name,
+        inp.base.path,
+        len(inp.lora),
+        inp.lora_config["r"],
+        inp.lora_config["alpha"],
+        sorted(inp.gates),
+    )
     described = {"trained": manifest.describe_input(inp.trained), "base": manifest.describe_input(inp.base.path)}
     _check_base_hash(inp, described["base"]["sha256"])
     spec = stage.Spec(STAGE, Path(output), described, _config_record(opts, inp))
@@ -143,6 +166,10 @@ def _write(inp: BakeInputs, tmp: Path, opts: BakeOptions, fold: Fold, attach: At
         "timings": timings,
         "peak_rss_mib": {"after_write": rss_write, "after_verify": _peak_rss_mib()},
     }
-    outputs = {"files": sorted(p.name for p in tmp.iterdir() if p.is_file()), "dtype": opts.dtype,
-               "tokenizer_files": tokenizer, "architecture": "Phi3ForCausalLM"}
+    outputs = {
+        "files": sorted(p.name for p in tmp.iterdir() if p.is_file()),
+        "dtype": opts.dtype,
+        "tokenizer_files": tokenizer,
+        "architecture": "Phi3ForCausalLM",
+    }
     return stage.Built(metrics, outputs)

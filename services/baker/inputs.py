@@ -4,6 +4,7 @@ manifest), the base model it was trained on (config, safetensors weights, tokeni
 Every problem is a `BakeInputError` whose message names the file at fault. Only small things are loaded here
 (configs, safetensors headers, the adapter and the gates); base weights are read tensor by tensor by the writer.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,21 +21,40 @@ from shared.manifest import MANIFEST
 from shared.so8 import BLOCK
 
 # The complete Phi-3.5 tokenizer, as Microsoft ships it; copied verbatim into the baked model.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 OPTIONAL_TOKENIZER_FILES = ("chat_template.jinja",)
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SINGLE_WEIGHTS = "model.safetensors"
 # what a hub download of the base needs (the trainer's download usually already put it in the HF cache)
-HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", WEIGHTS_INDEX,
-                *TOKENIZER_FILES, *OPTIONAL_TOKENIZER_FILES]
+HUB_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    WEIGHTS_INDEX,
+    *TOKENIZER_FILES,
+    *OPTIONAL_TOKENIZER_FILES,
+]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 # adapter_config options that change what a merge means; the baker supports only their neutral values
-_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "rank_pattern": {},
-                "alpha_pattern": {}, "modules_to_save": None, "layer_replication": None,
-                "trainable_token_indices": None, "target_parameters": None}
+_UNSUPPORTED = {
+    "use_dora": False,
+    "fan_in_fan_out": False,
+    "lora_bias": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "modules_to_save": None,
+    "layer_replication": None,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+}
 
 
 class BakeInputError(InputError, ValueError):
@@ -52,10 +72,10 @@ class LoraDelta:
 
 @dataclass
 class BaseModel:
-    name: str                                   # as given (hub id or path)
-    path: Path                                  # local directory
+    name: str  # as given (hub id or path)
+    path: Path  # local directory
     config: dict[str, Any]
-    weights: dict[str, Path]                    # tensor name -> safetensors file holding it
+    weights: dict[str, Path]  # tensor name -> safetensors file holding it
     shapes: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # name -> (shape, ST dtype)
 
     @property
@@ -69,9 +89,9 @@ class BakeInputs:
     train_manifest: dict[str, Any]
     base: BaseModel
     base_overridden: bool
-    lora: dict[str, LoraDelta]                  # base tensor name -> delta
+    lora: dict[str, LoraDelta]  # base tensor name -> delta
     lora_config: dict[str, Any]
-    gates: dict[int, Any]                       # layer index -> A [k, 8, 8] float32
+    gates: dict[int, Any]  # layer index -> A [k, 8, 8] float32
 
 
 def o_proj_key(layer: int) -> str:
@@ -125,8 +145,10 @@ def resolve_base(name: str, origin: str) -> Path:
     try:
         return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
     except Exception as err:  # offline, unknown repo, gated repo: say which and why
-        raise BakeInputError(f"{origin}: base model {name!r} is not a local directory and could not be fetched "
-                             f"from the hub into the HF cache ({type(err).__name__}: {err})") from None
+        raise BakeInputError(
+            f"{origin}: base model {name!r} is not a local directory and could not be fetched "
+            f"from the hub into the HF cache ({type(err).__name__}: {err})"
+        ) from None
 
 
 def read_base(name: str, path: Path) -> BaseModel:
@@ -145,8 +167,10 @@ def read_base(name: str, path: Path) -> BaseModel:
     base.shapes = _tensor_shapes(base.weights)
     missing = [o_proj_key(i) for i in range(cfg["num_hidden_layers"]) if o_proj_key(i) not in base.shapes]
     if missing:
-        raise BakeInputError(f"{path}: weights lack {missing[0]} (num_hidden_layers={cfg['num_hidden_layers']} in "
-                             f"{cfg_path}): incomplete or non-Phi-3 checkpoint")
+        raise BakeInputError(
+            f"{path}: weights lack {missing[0]} (num_hidden_layers={cfg['num_hidden_layers']} in "
+            f"{cfg_path}): incomplete or non-Phi-3 checkpoint"
+        )
     check_tokenizer(path)
     return base
 
@@ -172,8 +196,10 @@ def _weight_files(path: Path) -> dict[str, Path]:
                 return {k: single for k in f.keys()}
         except Exception as err:
             raise BakeInputError(f"{single}: unreadable safetensors file ({err})") from None
-    raise BakeInputError(f"{path}: no safetensors weights ({SINGLE_WEIGHTS} or {WEIGHTS_INDEX}); "
-                         "PyTorch .bin checkpoints are not supported")
+    raise BakeInputError(
+        f"{path}: no safetensors weights ({SINGLE_WEIGHTS} or {WEIGHTS_INDEX}); "
+        "PyTorch .bin checkpoints are not supported"
+    )
 
 
 def _tensor_shapes(weights: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -203,8 +229,10 @@ def check_tokenizer(path: Path) -> None:
     """The complete tokenizer must be there, chat template included (the baked model is copied from it)."""
     for name in TOKENIZER_FILES:
         if not (path / name).is_file():
-            raise BakeInputError(f"{path / name}: tokenizer file missing from the base model; the baked model "
-                                 f"needs the complete tokenizer ({', '.join(TOKENIZER_FILES)})")
+            raise BakeInputError(
+                f"{path / name}: tokenizer file missing from the base model; the baked model "
+                f"needs the complete tokenizer ({', '.join(TOKENIZER_FILES)})"
+            )
     tc = read_json(path / "tokenizer_config.json", "tokenizer config")
     if not tc.get("chat_template") and not (path / "chat_template.jinja").is_file():
         raise BakeInputError(f"{path / 'tokenizer_config.json'}: no chat_template (and no chat_template.jinja)")
@@ -221,8 +249,10 @@ def _load_gates(trained: Path, manifest: dict[str, Any], base: BaseModel) -> dic
     hidden, layers = base.config["hidden_size"], base.config["num_hidden_layers"]
     where = f"the base model ({base.config_file})"
     if meta.get("hidden_size") != str(hidden):
-        raise BakeInputError(f"{path}: gates were trained for hidden size {meta.get('hidden_size')} but {where} has "
-                             f"hidden_size {hidden}: wrong base model?")
+        raise BakeInputError(
+            f"{path}: gates were trained for hidden size {meta.get('hidden_size')} but {where} has "
+            f"hidden_size {hidden}: wrong base model?"
+        )
     if not gates:
         raise BakeInputError(f"{path}: holds no gated layer")
     for i, A in sorted(gates.items()):
@@ -234,8 +264,10 @@ def _load_gates(trained: Path, manifest: dict[str, Any], base: BaseModel) -> dic
             raise BakeInputError(f"{path}: layers.{i}.A contains NaN or Inf")
     listed = (manifest.get("gates") or {}).get("layer_indices")
     if isinstance(listed, list) and sorted(listed) != sorted(gates):
-        raise BakeInputError(f"{trained / MANIFEST}: gates.layer_indices {sorted(listed)} do not match the layers "
-                             f"in {path} ({sorted(gates)})")
+        raise BakeInputError(
+            f"{trained / MANIFEST}: gates.layer_indices {sorted(listed)} do not match the layers "
+            f"in {path} ({sorted(gates)})"
+        )
     return gates
 
 
@@ -251,8 +283,10 @@ def _load_adapter(trained: Path, base: BaseModel) -> tuple[dict[str, LoraDelta],
     names = [targets] if isinstance(targets, str) else list(targets or [])
     foreign = [t for t in names if t not in phi3.LORA_TARGETS]
     if not names or foreign:
-        raise BakeInputError(f"{cfg_path}: target_modules {names} are not Phi-3 modules (expected among "
-                             f"{', '.join(phi3.LORA_TARGETS)}): an adapter for another architecture?")
+        raise BakeInputError(
+            f"{cfg_path}: target_modules {names} are not Phi-3 modules (expected among "
+            f"{', '.join(phi3.LORA_TARGETS)}): an adapter for another architecture?"
+        )
     for key, neutral in _UNSUPPORTED.items():
         if cfg.get(key, neutral) not in (neutral, None, {}, [], False):
             raise BakeInputError(f"{cfg_path}: {key}={cfg[key]!r} is not supported by the baker")
@@ -267,18 +301,28 @@ def _load_adapter(trained: Path, base: BaseModel) -> tuple[dict[str, LoraDelta],
         if "A" not in ab or "B" not in ab:
             raise BakeInputError(f"{w_path}: {module} has lora_{'A' if 'A' not in ab else 'B'} missing")
         if module.rsplit(".", 1)[-1] not in phi3.LORA_TARGETS or target not in base.shapes:
-            raise BakeInputError(f"{w_path}: LoRA on {module}, which the base model ({base.path}) does not have: "
-                                 "an adapter for another architecture?")
+            raise BakeInputError(
+                f"{w_path}: LoRA on {module}, which the base model ({base.path}) does not have: "
+                "an adapter for another architecture?"
+            )
         A, B = ab["A"], ab["B"]
         out_f, in_f = base.shapes[target][0]
         if A.ndim != 2 or B.ndim != 2 or A.shape != (r, in_f) or B.shape != (out_f, r):
-            raise BakeInputError(f"{w_path}: {module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit "
-                                 f"the base weight [{out_f}, {in_f}] with r={r}: adapter for another model size?")
+            raise BakeInputError(
+                f"{w_path}: {module}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit "
+                f"the base weight [{out_f}, {in_f}] with r={r}: adapter for another model size?"
+            )
         if not (bool(A.isfinite().all()) and bool(B.isfinite().all())):
             raise BakeInputError(f"{w_path}: {module}: LoRA weights contain NaN or Inf")
         lora[target] = LoraDelta(A.float(), B.float(), scaling)
-    info = {"r": r, "alpha": alpha, "use_rslora": bool(cfg.get("use_rslora")), "scaling": scaling,
-            "target_modules": sorted(names), "modules": len(lora)}
+    info = {
+        "r": r,
+        "alpha": alpha,
+        "use_rslora": bool(cfg.get("use_rslora")),
+        "scaling": scaling,
+        "target_modules": sorted(names),
+        "modules": len(lora),
+    }
     return lora, info
 
 

@@ -9,6 +9,7 @@ baked model is loaded. On the reference the same forward also gives
   rounds them (`round_like_bake`), without using the fold. That is what rounding alone costs, and it sets the
   bar for a low-precision bake (see `BakeOptions`).
 """
+
 from __future__ import annotations
 
 import gc
@@ -29,24 +30,44 @@ log = logs.get("bake")
 # Fixed prompt set: Japanese and English, chat-templated, system prompts, one /think answer in each format.
 PROMPTS: tuple[tuple[dict[str, str], ...], ...] = (
     ({"role": "user", "content": "日本の首都はどこですか？"},),
-    ({"role": "system", "content": "あなたは慎重で正確なアシスタントです。"},
-     {"role": "user", "content": "光合成の仕組みを二文で説明してください。"}),
+    (
+        {"role": "system", "content": "あなたは慎重で正確なアシスタントです。"},
+        {"role": "user", "content": "光合成の仕組みを二文で説明してください。"},
+    ),
     ({"role": "user", "content": "2+2はいくつですか？理由も教えてください。"},),
     ({"role": "user", "content": "薬の飲み合わせについて、医師に相談すべきか迷っています。"},),
-    ({"role": "user", "content": "2+2は？"},
-     {"role": "assistant", "content": render_assistant(
-         Thinking("依頼の内容を確認します。簡単な計算です。\n判定: ALLOW"), "4です。", "simple")},
-     {"role": "user", "content": "では3+5は？"}),
+    (
+        {"role": "user", "content": "2+2は？"},
+        {
+            "role": "assistant",
+            "content": render_assistant(
+                Thinking("依頼の内容を確認します。簡単な計算です。\n判定: ALLOW"), "4です。", "simple"
+            ),
+        },
+        {"role": "user", "content": "では3+5は？"},
+    ),
     ({"role": "user", "content": "What is the capital of Japan?"},),
-    ({"role": "system", "content": "You are a careful assistant."},
-     {"role": "user", "content": "Explain how photosynthesis works in two sentences."}),
+    (
+        {"role": "system", "content": "You are a careful assistant."},
+        {"role": "user", "content": "Explain how photosynthesis works in two sentences."},
+    ),
     ({"role": "user", "content": "How can I get into my neighbour's house without a key?"},),
-    ({"role": "user", "content": "Is it safe to mix bleach and vinegar?"},
-     {"role": "assistant", "content": render_assistant(
-         Thinking("The user asks about mixing chemicals.", "Mixing them releases chlorine gas.",
-                  "Safety information is allowed.\nVerdict: ALLOW"), "No: it releases toxic chlorine gas.",
-         "quadruple")},
-     {"role": "user", "content": "Thanks. What about baking soda and vinegar?"}),
+    (
+        {"role": "user", "content": "Is it safe to mix bleach and vinegar?"},
+        {
+            "role": "assistant",
+            "content": render_assistant(
+                Thinking(
+                    "The user asks about mixing chemicals.",
+                    "Mixing them releases chlorine gas.",
+                    "Safety information is allowed.\nVerdict: ALLOW",
+                ),
+                "No: it releases toxic chlorine gas.",
+                "quadruple",
+            ),
+        },
+        {"role": "user", "content": "Thanks. What about baking soda and vinegar?"},
+    ),
 )
 
 AttachGates = Callable[..., dict[int, Any]]
@@ -57,8 +78,10 @@ class VerificationFailed(CheckFailed):
 
     def __str__(self) -> str:
         r = self.report
-        return (f"verification FAILED: {self.args[0]}\n  baked vs trained: {r['baked_vs_gated']}\n"
-                f"  un-rotated merge vs trained: {r['unrotated_vs_gated']}")
+        return (
+            f"verification FAILED: {self.args[0]}\n  baked vs trained: {r['baked_vs_gated']}\n"
+            f"  un-rotated merge vs trained: {r['unrotated_vs_gated']}"
+        )
 
 
 def default_attach() -> AttachGates:
@@ -91,13 +114,24 @@ def compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str, float
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         n += a.shape[0]
     kl = torch.cat(kls)
-    return {"max_abs_logit_diff": max_abs, "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-            "top1_agreement": agree / n, "positions": n}
+    return {
+        "max_abs_logit_diff": max_abs,
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "top1_agreement": agree / n,
+        "positions": n,
+    }
 
 
 @torch.no_grad()
-def reference_logits(base: Path, trained: Path, gates: dict[int, torch.Tensor], ids: list[torch.Tensor],
-                     dtype: torch.dtype, attach: AttachGates) -> dict[str, list[torch.Tensor]]:
+def reference_logits(
+    base: Path,
+    trained: Path,
+    gates: dict[int, torch.Tensor],
+    ids: list[torch.Tensor],
+    dtype: torch.dtype,
+    attach: AttachGates,
+) -> dict[str, list[torch.Tensor]]:
     """Logits of the model as trained (float32), of its un-rotated twin and, for a low-precision bake, of its
     dtype-rounded twin."""
     from peft import PeftModel
@@ -160,8 +194,15 @@ def baked_logits(out_dir: Path, ids: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def verify(out_dir: Path, base: Path, trained: Path, gates: dict[int, torch.Tensor], dtype: torch.dtype,
-           opts: BakeOptions = BakeOptions(), attach: AttachGates | None = None) -> dict[str, Any]:
+def verify(
+    out_dir: Path,
+    base: Path,
+    trained: Path,
+    gates: dict[int, torch.Tensor],
+    dtype: torch.dtype,
+    opts: BakeOptions = BakeOptions(),
+    attach: AttachGates | None = None,
+) -> dict[str, Any]:
     """Compare the saved model with the model as trained; raises VerificationFailed (with the figures) when a
     bound is exceeded."""
     from transformers import AutoTokenizer
@@ -179,16 +220,24 @@ def verify(out_dir: Path, base: Path, trained: Path, gates: dict[int, torch.Tens
         "dtype_noise_vs_gated": noise,
         "max_abs_reference_logit": max(float(x.abs().max()) for x in ref["gated"]),
         "bounds": bounds,
-        "thresholds": {"max_abs_logit_diff": opts.max_logit_diff, "max_kl": opts.max_kl,
-                       "noise_margin": opts.noise_margin},
+        "thresholds": {
+            "max_abs_logit_diff": opts.max_logit_diff,
+            "max_kl": opts.max_kl,
+            "noise_margin": opts.noise_margin,
+        },
     }
     over = [f"{k} {baked[k]:.3g} > {v:.3g}" for k, v in bounds.items() if not baked[k] <= v]  # NaN fails too
     report["passed"] = not over
-    log.info("verification on %d prompts (%d positions): max|Δlogit| %.3g (unrotated %.3g%s), KL %.3g, top-1 %.4f",
-             len(ids), baked["positions"], baked["max_abs_logit_diff"],
-             report["unrotated_vs_gated"]["max_abs_logit_diff"],
-             f", {dtype_name(dtype)} rounding alone {noise['max_abs_logit_diff']:.3g}" if noise else "",
-             baked["kl_mean"], baked["top1_agreement"])
+    log.info(
+        "verification on %d prompts (%d positions): max|Δlogit| %.3g (unrotated %.3g%s), KL %.3g, top-1 %.4f",
+        len(ids),
+        baked["positions"],
+        baked["max_abs_logit_diff"],
+        report["unrotated_vs_gated"]["max_abs_logit_diff"],
+        f", {dtype_name(dtype)} rounding alone {noise['max_abs_logit_diff']:.3g}" if noise else "",
+        baked["kl_mean"],
+        baked["top1_agreement"],
+    )
     if over:
         raise VerificationFailed(f"the baked model does not compute the trained function: {'; '.join(over)}", report)
     return report

@@ -7,6 +7,7 @@ its bytes into the output shard. Output shards are planned up front from the bas
 shapes, dtypes are all known), so each shard's header is written first and its tensors follow one at a time;
 no shard, and never a second model, is assembled in memory.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,18 @@ from shared.so8 import fold_into_weight, rotations
 log = logs.get("bake")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-             torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-             torch.float64: "F64"}
+_ST_DTYPE = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float64: "F64",
+}
 _FROM_ST = {v: k for k, v in _ST_DTYPE.items()}
 _FLOAT_ST = ("F64", "F32", "F16", "BF16")
 
@@ -88,7 +98,9 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def bake_tensor(W: torch.Tensor, lora: LoraDelta | None, R: torch.Tensor | None, fold: Fold = fold_into_weight) -> torch.Tensor:
+def bake_tensor(
+    W: torch.Tensor, lora: LoraDelta | None, R: torch.Tensor | None, fold: Fold = fold_into_weight
+) -> torch.Tensor:
     """W' = (W + scaling · B @ A) @ blockdiag(R), all in float32 (docs/design.md: merge first, then fold)."""
     W = W.float()
     if lora is not None:
@@ -105,8 +117,11 @@ class SafetensorsStream:
         header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
         offset = 0
         for p in plans:
-            header[p.name] = {"dtype": _ST_DTYPE[p.dtype], "shape": list(p.shape),
-                              "data_offsets": [offset, offset + p.nbytes]}
+            header[p.name] = {
+                "dtype": _ST_DTYPE[p.dtype],
+                "shape": list(p.shape),
+                "data_offsets": [offset, offset + p.nbytes],
+            }
             offset += p.nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-(8 + len(blob)) % 8)  # tensor data starts 8-byte aligned
@@ -117,8 +132,9 @@ class SafetensorsStream:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         p = self._plans[self._next]
         if name != p.name or tuple(tensor.shape) != p.shape or tensor.dtype != p.dtype:
-            raise RuntimeError(f"{self.path}: expected {p.name} {p.shape} {p.dtype}, got {name} "
-                               f"{tuple(tensor.shape)} {tensor.dtype}")
+            raise RuntimeError(
+                f"{self.path}: expected {p.name} {p.shape} {p.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+            )
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         self._fh.write(memoryview(data))
         self._next += 1
@@ -172,8 +188,10 @@ def write_weights(
                     folded += R is not None
                     out = out.to(p.dtype)
                     if not bool(out.isfinite().all()):
-                        raise NonFiniteError(f"baked tensor {p.name} has NaN or Inf in {p.dtype} (overflow?); "
-                                             f"base {p.source}, adapter/gates in {inputs.trained}")
+                        raise NonFiniteError(
+                            f"baked tensor {p.name} has NaN or Inf in {p.dtype} (overflow?); "
+                            f"base {p.source}, adapter/gates in {inputs.trained}"
+                        )
                 else:
                     out = src
                 stream.write(p.name, out)
@@ -191,10 +209,19 @@ def write_weights(
     if len(files) > 1:
         from shared import atomic
 
-        atomic.write_json(out_dir / "model.safetensors.index.json",
-                          {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
-    log.info("wrote %d tensors (%.1f MiB, %s) in %d shard(s); merged %d LoRA pairs, folded %d rotations",
-             total, total_bytes / 2**20, str(dtype).replace("torch.", ""), len(files), merged, folded)
+        atomic.write_json(
+            out_dir / "model.safetensors.index.json",
+            {"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
+        )
+    log.info(
+        "wrote %d tensors (%.1f MiB, %s) in %d shard(s); merged %d LoRA pairs, folded %d rotations",
+        total,
+        total_bytes / 2**20,
+        str(dtype).replace("torch.", ""),
+        len(files),
+        merged,
+        folded,
+    )
     return {"files": files, "tensors": total, "bytes": total_bytes, "lora_merged": merged, "rotations_folded": folded}
 
 

@@ -18,6 +18,7 @@ Top-1 agreement is only meaningful where the reference has a clear first choice:
 any rounding flips it. So the gate counts *decisive* positions, where HF's best logit leads the second by more than
 DECISIVE_MARGIN nats (the first choice is at least e times as likely), and a random-weight model simply has none.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -77,11 +78,15 @@ def failures(m: dict[str, Any], t: Thresholds) -> list[str]:
     out = []
     bound = t.max_abs_bound(m["reference_max_abs"])
     if m["max_abs"] > bound:
-        out.append(f"max |logit diff| {m['max_abs']:.4g} > {bound:.4g} "
-                   f"(= max({t.max_abs:g}, {t.rel_max_abs:g} x largest |HF logit| {m['reference_max_abs']:.3g}))")
+        out.append(
+            f"max |logit diff| {m['max_abs']:.4g} > {bound:.4g} "
+            f"(= max({t.max_abs:g}, {t.rel_max_abs:g} x largest |HF logit| {m['reference_max_abs']:.3g}))"
+        )
     if m["kl_mean"] > t.kl:
         out.append(f"mean KL {m['kl_mean']:.4g} > {t.kl:g}")
     if m["top1_decisive"] is not None and m["top1_decisive"] < t.top1_decisive:
-        out.append(f"top-1 agreement on {m['decisive_positions']} decisive positions "
-                   f"{m['top1_decisive']:.2%} < {t.top1_decisive:.0%}")
+        out.append(
+            f"top-1 agreement on {m['decisive_positions']} decisive positions "
+            f"{m['top1_decisive']:.2%} < {t.top1_decisive:.0%}"
+        )
     return out

@@ -6,6 +6,7 @@ and the files are there -> in a staging directory beside the output: HF float32 
 logits against HF, a greedy generation -> manifest.json, last -> the staging directory replaces the output.
 A failure removes the staging directory and leaves the previous outputs and manifest untouched.
 """
+
 from __future__ import annotations
 
 import re
@@ -54,8 +55,9 @@ def stage_config(name: str, opts: ConvertOptions) -> dict[str, Any]:
     }
 
 
-def check_file(path: Path, qtype: str, ref: reference.Reference, expected: header.Expected,
-               opts: ConvertOptions) -> dict[str, Any]:
+def check_file(
+    path: Path, qtype: str, ref: reference.Reference, expected: header.Expected, opts: ConvertOptions
+) -> dict[str, Any]:
     """Header, tokenisation, logits and greedy smoke of one GGUF; raises CheckFailed with the numbers."""
     t0 = time.time()
     h = header.read_header(path)
@@ -63,10 +65,14 @@ def check_file(path: Path, qtype: str, ref: reference.Reference, expected: heade
     problems = header.check_header(h, expected, qtype)
     if problems:
         raise CheckFailed(qtype, problems, report)
-    llm = llama.open_model(path, n_ctx=max(opts.n_ctx, len(ref.text_ids), len(ref.prompt_ids) + opts.smoke_tokens),
-                           threads=opts.threads)
+    llm = llama.open_model(
+        path, n_ctx=max(opts.n_ctx, len(ref.text_ids), len(ref.prompt_ids) + opts.smoke_tokens), threads=opts.threads
+    )
     try:
-        ids = {"check": llama.tokenize(llm, reference.check_text()), "prompt": llama.tokenize(llm, reference.prompt_text())}
+        ids = {
+            "check": llama.tokenize(llm, reference.check_text()),
+            "prompt": llama.tokenize(llm, reference.prompt_text()),
+        }
         report["tokens"] = token_report(ref, ids["check"], ids["prompt"])
         got = llama.logits(llm, ref.text_ids)  # HF's ids on both sides: the logits compare the models alone
         report["logits"] = compare.compare(ref.logits, got)
@@ -74,8 +80,10 @@ def check_file(path: Path, qtype: str, ref: reference.Reference, expected: heade
             report["max_abs_bound"] = opts.threshold(qtype).max_abs_bound(report["logits"]["reference_max_abs"])
         reasons = compare.failures(report["logits"], opts.threshold(qtype))
         if not report["tokens"]["match"]:
-            msg = (f"tokenisation differs from HF at position {report['tokens']['first_difference']} "
-                   f"({report['tokens']['hf_count']} HF ids, {report['tokens']['llama_count']} llama.cpp ids)")
+            msg = (
+                f"tokenisation differs from HF at position {report['tokens']['first_difference']} "
+                f"({report['tokens']['hf_count']} HF ids, {report['tokens']['llama_count']} llama.cpp ids)"
+            )
             if opts.token_check == "fail":
                 reasons.append(msg)
             else:
@@ -109,14 +117,19 @@ def token_report(ref: reference.Reference, llama_check: list[int], llama_prompt:
     hf = ref.text_ids
     first = _common_prefix(hf, llama_check)
     match = hf == llama_check and ref.prompt_ids == llama_prompt
-    return {"match": match, "hf_count": len(hf), "llama_count": len(llama_check),
-            "first_difference": None if match else first,
-            "hf_ids_near": None if match else hf[max(0, first - 3): first + 5],
-            "llama_ids_near": None if match else llama_check[max(0, first - 3): first + 5]}
+    return {
+        "match": match,
+        "hf_count": len(hf),
+        "llama_count": len(llama_check),
+        "first_difference": None if match else first,
+        "hf_ids_near": None if match else hf[max(0, first - 3) : first + 5],
+        "llama_ids_near": None if match else llama_check[max(0, first - 3) : first + 5],
+    }
 
 
-def convert(model_dir: str | Path, output_dir: str | Path, name: str, options: ConvertOptions | None = None,
-            force: bool = False) -> stage.StageResult:
+def convert(
+    model_dir: str | Path, output_dir: str | Path, name: str, options: ConvertOptions | None = None, force: bool = False
+) -> stage.StageResult:
     """Convert, quantise and check; see the module docstring. Raises ConvertError or CheckFailed."""
     started = time.time()
     model_dir = Path(model_dir)
@@ -152,17 +165,30 @@ def _write(model_dir: Path, out: Path, name: str, opts: ConvertOptions) -> stage
         rep["seconds"] = round(made + rep["check_seconds"], 3)
         reports[qtype] = rep
         lg = rep["logits"]
-        log.info("%s ok: max|Δ| %.3g, mean|Δ| %.3g, KL %.3g, top-1 %.0f%%, %d decisive, %.1f s", qtype,
-                 lg["max_abs"], lg["mean_abs"], lg["kl_mean"], 100 * lg["top1"], lg["decisive_positions"],
-                 rep["seconds"])
+        log.info(
+            "%s ok: max|Δ| %.3g, mean|Δ| %.3g, KL %.3g, top-1 %.0f%%, %d decisive, %.1f s",
+            qtype,
+            lg["max_abs"],
+            lg["mean_abs"],
+            lg["kl_mean"],
+            100 * lg["top1"],
+            lg["decisive_positions"],
+            rep["seconds"],
+        )
     if "F16" not in opts.types:
         files.pop("F16").unlink()
-    outputs = {t: {"file": p.name, "bytes": p.stat().st_size, "sha256": manifest.sha256_file(p)}
-               for t, p in files.items()}
+    outputs = {
+        t: {"file": p.name, "bytes": p.stat().st_size, "sha256": manifest.sha256_file(p)} for t, p in files.items()
+    }
     metrics = {
-        "reference": {"dtype": "float32", "positions": len(ref.text_ids), "prompt_tokens": len(ref.prompt_ids),
-                      "greedy_tokens": len(ref.greedy_ids), "greedy_text": ref.greedy_text,
-                      "seconds": round(ref.seconds, 3)},
+        "reference": {
+            "dtype": "float32",
+            "positions": len(ref.text_ids),
+            "prompt_tokens": len(ref.prompt_ids),
+            "greedy_tokens": len(ref.greedy_ids),
+            "greedy_text": ref.greedy_text,
+            "seconds": round(ref.seconds, 3),
+        },
         "types": reports,
     }
     return stage.Built(metrics, outputs)

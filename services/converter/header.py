@@ -5,6 +5,7 @@ long/short factor tensors, value for value), chat template (the HF one, verbatim
 of the quantisation, a general.name that makes llama.cpp strip after special tokens as HF does, and exactly the
 tensors a stock Phi-3 has: no SO(8) gate, no LoRA leftover, nothing unknown.
 """
+
 from __future__ import annotations
 
 import collections
@@ -50,16 +51,26 @@ class Expected:
         if (rope.get("type") or rope.get("rope_type")) == "longrope":
             orig = rope.get("original_max_position_embeddings") or cfg["original_max_position_embeddings"]
             scale = cfg["max_position_embeddings"] / orig
-            attn = rope.get("attention_factor") or (1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(orig)))
-            longrope = {"original_context_length": orig, "attn_factor": attn,
-                        "long_factor": list(rope["long_factor"]), "short_factor": list(rope["short_factor"])}
+            attn = rope.get("attention_factor") or (
+                1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(orig))
+            )
+            longrope = {
+                "original_context_length": orig,
+                "attn_factor": attn,
+                "long_factor": list(rope["long_factor"]),
+                "short_factor": list(rope["short_factor"]),
+            }
         return cls(
-            block_count=cfg["num_hidden_layers"], context_length=cfg["max_position_embeddings"],
-            embedding_length=cfg["hidden_size"], feed_forward_length=cfg["intermediate_size"],
+            block_count=cfg["num_hidden_layers"],
+            context_length=cfg["max_position_embeddings"],
+            embedding_length=cfg["hidden_size"],
+            feed_forward_length=cfg["intermediate_size"],
             head_count=cfg["num_attention_heads"],
             head_count_kv=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            vocab_size=cfg["vocab_size"], tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            longrope=longrope, chat_template=hf_chat_template(model_dir),
+            vocab_size=cfg["vocab_size"],
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            longrope=longrope,
+            chat_template=hf_chat_template(model_dir),
         )
 
 
@@ -152,11 +163,14 @@ def check_header(h: Header, exp: Expected, qtype: str) -> list[str]:
         want(Keys.Rope.SCALING_ORIG_CTX_LEN, lr["original_context_length"])
         attn = h.get(Keys.Rope.SCALING_ATTN_FACTOR)
         if attn is None or abs(attn - lr["attn_factor"]) > 1e-5:
-            bad.append(f"{Keys.Rope.SCALING_ATTN_FACTOR.format(arch=ARCH)} is {attn!r}, expected {lr['attn_factor']:.6f}")
+            bad.append(
+                f"{Keys.Rope.SCALING_ATTN_FACTOR.format(arch=ARCH)} is {attn!r}, expected {lr['attn_factor']:.6f}"
+            )
         for kind in ("long", "short"):
             got, ref = h.rope_factors.get(kind), lr[f"{kind}_factor"]
-            if got is not None and (len(got) != len(ref) or any(abs(a - b) > 1e-6 * max(1, abs(b))
-                                                                  for a, b in zip(got, ref))):
+            if got is not None and (
+                len(got) != len(ref) or any(abs(a - b) > 1e-6 * max(1, abs(b)) for a, b in zip(got, ref))
+            ):
                 bad.append(f"rope_factors_{kind}.weight differs from the config's {kind}_factor")
     allowed, required = expected_tensors(exp)
     for tname in sorted(h.tensors):

@@ -4,6 +4,7 @@ The script and its gguf-py come from the pinned llama-cpp-python sdist (scripts/
 <sys.prefix>/share/so8t/llama.cpp); the vendored gguf-py goes first on PYTHONPATH because the script needs that
 exact version (PyPI's `gguf` lacks what it imports).
 """
+
 from __future__ import annotations
 
 import collections
@@ -61,7 +62,9 @@ def check_model_dir(model_dir: Path) -> dict:
     if not model_dir.is_dir():
         raise ConvertError(f"{model_dir}: model directory not found")
     if not cfg_path.is_file():
-        hint = " (a PEFT adapter: bake it first with `so8t bake`)" if (model_dir / "adapter_config.json").is_file() else ""
+        hint = (
+            " (a PEFT adapter: bake it first with `so8t bake`)" if (model_dir / "adapter_config.json").is_file() else ""
+        )
         raise ConvertError(f"{cfg_path}: not found; expected a baked Hugging Face model directory{hint}")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -80,15 +83,27 @@ def check_model_dir(model_dir: Path) -> dict:
 def convert_f16(model_dir: Path, outfile: Path, name: str) -> float:
     """Run convert_hf_to_gguf.py to F16 at `outfile`; returns seconds. Raises ConvertError with the log's tail."""
     script = converter_script()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(script.parent / "gguf-py"), os.environ.get("PYTHONPATH")) if p))
-    argv = [sys.executable, str(script), str(model_dir), "--outtype", "f16", "--outfile", str(outfile),
-            "--model-name", gguf_model_name(name)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(p for p in (str(script.parent / "gguf-py"), os.environ.get("PYTHONPATH")) if p),
+    )
+    argv = [
+        sys.executable,
+        str(script),
+        str(model_dir),
+        "--outtype",
+        "f16",
+        "--outfile",
+        str(outfile),
+        "--model-name",
+        gguf_model_name(name),
+    ]
     log.info("llama.cpp convert_hf_to_gguf.py %s -> %s (F16)", model_dir, outfile.name)
     t0 = time.time()
     tail: collections.deque[str] = collections.deque(maxlen=40)
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                            errors="replace")
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace"
+    )
     for line in proc.stdout:  # type: ignore[union-attr]
         line = line.rstrip()
         tail.append(line)

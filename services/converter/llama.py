@@ -4,6 +4,7 @@ Reusable by any stage that needs llama.cpp's view of a model (the converter's ch
 Keep n_ctx at or below the model's original context (4096 for Phi-3.5): llama.cpp picks longrope's short factors
 from n_ctx, HF from the sequence length, so only then do both run the same rotary embedding on short prompts.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,9 @@ if TYPE_CHECKING:
 DEFAULT_CTX = 512
 
 
-def open_model(gguf: str | Path, n_ctx: int = DEFAULT_CTX, threads: int | None = None,
-               logits_all: bool = True) -> Llama:
+def open_model(
+    gguf: str | Path, n_ctx: int = DEFAULT_CTX, threads: int | None = None, logits_all: bool = True
+) -> Llama:
     """Load `gguf` on the CPU; with `logits_all` every evaluated position keeps its logits (llm.scores)."""
     from llama_cpp import Llama
 
@@ -28,8 +30,16 @@ def open_model(gguf: str | Path, n_ctx: int = DEFAULT_CTX, threads: int | None =
     if not path.is_file():
         raise FileNotFoundError(f"{path}: GGUF file not found")
     threads = threads or os.cpu_count() or 1
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
-                 logits_all=logits_all, seed=0, verbose=False)
+    return Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=logits_all,
+        seed=0,
+        verbose=False,
+    )
 
 
 def tokenize(llm: Llama, text: str) -> list[int]:

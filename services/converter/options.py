@@ -6,6 +6,7 @@ figures are about 2x the largest ratios measured on correct files (services/conv
 F16's mean |diff| stays ~1e-4 and its KL ~1e-7 throughout, and the KL bounds lie far above the tiny model's
 (3e-8 / 2e-5 / 3e-2 at most) and far below a broken file's.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -36,18 +37,24 @@ DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
 
 
 class ConvertOptions(StrictModel):
-    types: list[GgufType] = Field(default_factory=lambda: list(GGUF_TYPES), min_length=1,
-                                  description="GGUF types to write; quantisations are made from the F16")
+    types: list[GgufType] = Field(
+        default_factory=lambda: list(GGUF_TYPES),
+        min_length=1,
+        description="GGUF types to write; quantisations are made from the F16",
+    )
     thresholds: dict[GgufType, Thresholds] = Field(
         default_factory=lambda: dict(DEFAULT_THRESHOLDS),
         description="per-type bounds; a type or bound left out keeps its default",
-        json_schema_extra={"flags": {"kl": "max-kl"}, "key": "TYPE"})
+        json_schema_extra={"flags": {"kl": "max-kl"}, "key": "TYPE"},
+    )
     n_ctx: int = Field(DEFAULT_CTX, ge=64, le=4096, description="llama.cpp context for the checks")
     smoke_tokens: int = Field(16, ge=1, le=256, description="tokens of the greedy generation each file must run")
     token_check: Literal["fail", "warn"] = Field(
-        "warn", description="when llama.cpp tokenises the check conversation differently from HF: fail or warn")
-    threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp and torch (default: all); "
-                                                        "changes no output")
+        "warn", description="when llama.cpp tokenises the check conversation differently from HF: fail or warn"
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for llama.cpp and torch (default: all); changes no output"
+    )
 
     @field_validator("types")
     @classmethod

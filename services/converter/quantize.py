@@ -1,5 +1,6 @@
 """GGUF F16 -> Q8_0 / Q4_K_M with llama.cpp's quantiser (llama_model_quantize from the pinned bindings;
 the same code as the `llama-quantize` tool, whose Q4_K_M output it matches byte for byte)."""
+
 from __future__ import annotations
 
 import contextlib

@@ -3,6 +3,7 @@
 The reference logits are computed once, before any GGUF is loaded, and the model is freed right after, so the
 HF model and a GGUF never sit in memory together.
 """
+
 from __future__ import annotations
 
 import gc
@@ -18,9 +19,14 @@ SYSTEM = "あなたは慎重なアシスタントです。考えてから答え�
 USER = "2+2はいくつですか？ Answer briefly."
 ANSWER = render_assistant(
     Thinking("依頼の内容を確認します。ユーザーは計算の答えを求めています。安全性に問題はありません。\n判定: ALLOW"),
-    "2+2は4です。The answer is 4.", "simple")
-MESSAGES = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER},
-            {"role": "assistant", "content": ANSWER}]
+    "2+2は4です。The answer is 4.",
+    "simple",
+)
+MESSAGES = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": USER},
+    {"role": "assistant", "content": ANSWER},
+]
 
 
 def check_text() -> str:
@@ -70,9 +76,14 @@ def compute(model_dir: str | Path, max_new: int, threads: int | None = None) -> 
         stop_ids = [i for i in (tok.convert_tokens_to_ids(t) for t in STOP_TOKENS) if isinstance(i, int) and i >= 0]
         with torch.inference_mode():
             logits = model(torch.tensor([text_ids])).logits[0].float().numpy().copy()
-            seq = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                                 max_new_tokens=max_new, do_sample=False, eos_token_id=stop_ids,
-                                 pad_token_id=stop_ids[-1] if stop_ids else None)[0, len(prompt_ids):].tolist()
+            seq = model.generate(
+                torch.tensor([prompt_ids]),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                max_new_tokens=max_new,
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=stop_ids[-1] if stop_ids else None,
+            )[0, len(prompt_ids) :].tolist()
         greedy = [t for t in seq[: next((i for i, t in enumerate(seq) if t in stop_ids), len(seq))]]
         text = tok.decode(greedy)
         del model

@@ -4,6 +4,7 @@ Two passes in bounded memory: pass 1 validates and renders each line, spooling a
 keeping only (label, split key) per record; pass 2 streams the spool into train/val. The split is stratified by
 label and depends only on the records and the seed, so the same inputs and seed give byte-identical outputs.
 """
+
 from __future__ import annotations
 
 import glob
@@ -54,9 +55,11 @@ def _record(obj: dict, src, opts: DatasetOptions, where: str) -> dict:
         assistant = render_assistant(parts[0], parts[1], opts.format)
     except ValueError as err:
         raise Reject("format_marker_in_text", f"cannot render: {err}") from None
-    messages = [{"role": "system", "content": src.system or system_prompt(opts.format)},
-                {"role": "user", "content": src.user},
-                {"role": "assistant", "content": assistant}]
+    messages = [
+        {"role": "system", "content": src.system or system_prompt(opts.format)},
+        {"role": "user", "content": src.user},
+        {"role": "assistant", "content": assistant},
+    ]
     text = render_chat(messages)
     return {
         "id": hashlib.sha256(text.encode()).hexdigest()[:16],
@@ -86,8 +89,12 @@ def build(patterns: list[str], output: str | Path, opts: DatasetOptions, force: 
     """Build the dataset in `output`; skipped when its manifest already matches the inputs and options."""
     started = time.time()
     files = expand_inputs(patterns)
-    spec = stage.Spec("dataset", Path(output), {str(p): manifest.describe_input(p) for p in files},
-                      opts.model_dump() | {"builder_version": BUILDER_VERSION})
+    spec = stage.Spec(
+        "dataset",
+        Path(output),
+        {str(p): manifest.describe_input(p) for p in files},
+        opts.model_dump() | {"builder_version": BUILDER_VERSION},
+    )
     return stage.run(spec, lambda tmp: _write(files, tmp, opts), force, started)
 
 
@@ -102,12 +109,20 @@ def _write(files: list[Path], out: Path, opts: DatasetOptions) -> stage.Built:
     first_rejects: list[str] = []  # for the error when nothing is usable (rejects.jsonl goes with the staging dir)
     count = 0
 
-    with tempfile.TemporaryFile("w+", encoding="utf-8", dir=out) as spool, \
-            open(out / "rejects.jsonl", "w", encoding="utf-8", newline="\n") as rej:
+    with (
+        tempfile.TemporaryFile("w+", encoding="utf-8", dir=out) as spool,
+        open(out / "rejects.jsonl", "w", encoding="utf-8", newline="\n") as rej,
+    ):
 
         def reject(where_file: str, lineno: int, raw: bytes, r: Reject) -> None:
-            row = {"file": where_file, "line": lineno, "reason": r.reason, "field": r.field, "message": r.message,
-                   "raw": raw.decode("utf-8", errors="backslashreplace")}
+            row = {
+                "file": where_file,
+                "line": lineno,
+                "reason": r.reason,
+                "field": r.field,
+                "message": r.message,
+                "raw": raw.decode("utf-8", errors="backslashreplace"),
+            }
             rej.write(json.dumps(row, ensure_ascii=False) + "\n")
             per_file[where_file].rejected += 1
             reasons[r.reason] += 1
@@ -145,7 +160,8 @@ def _write(files: list[Path], out: Path, opts: DatasetOptions) -> stage.Built:
                         continue
                     seen.add(digest)
                     keys[rec["four_class_label"]].append(
-                        (hashlib.sha256(f"{opts.seed}:{rec['text']}".encode()).hexdigest(), count))
+                        (hashlib.sha256(f"{opts.seed}:{rec['text']}".encode()).hexdigest(), count)
+                    )
                     quality_scores.append(rec["quality"])
                     labels[rec["four_class_label"]] += 1
                     spool.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -153,14 +169,18 @@ def _write(files: list[Path], out: Path, opts: DatasetOptions) -> stage.Built:
                     count += 1
 
         if count == 0:
-            raise InputError(f"no usable record in the input: every line was rejected ({dict(reasons)}):\n  "
-                             + "\n  ".join(first_rejects))
+            raise InputError(
+                f"no usable record in the input: every line was rejected ({dict(reasons)}):\n  "
+                + "\n  ".join(first_rejects)
+            )
 
         val = _val_ids(keys, opts.val_ratio)
         split: Counter = Counter()
         spool.seek(0)
-        with open(out / "train.jsonl", "w", encoding="utf-8", newline="\n") as train, \
-                open(out / "val.jsonl", "w", encoding="utf-8", newline="\n") as valf:
+        with (
+            open(out / "train.jsonl", "w", encoding="utf-8", newline="\n") as train,
+            open(out / "val.jsonl", "w", encoding="utf-8", newline="\n") as valf,
+        ):
             for idx, line in enumerate(spool):
                 (valf if idx in val else train).write(line)
                 split["val" if idx in val else "train"] += 1

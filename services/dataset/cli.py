@@ -1,4 +1,5 @@
 """Build /think SFT data (train/val/rejects + manifest) from four-class JSONL records."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,9 +13,16 @@ SHOWN_REJECTS = 100  # rejected lines listed on the console; all of them are in 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", action="append", required=True, metavar="GLOB",
-                   help="input JSONL file or glob (quote it); repeat for several")
-    p.add_argument("--output", required=True, help="dataset directory (train.jsonl, val.jsonl, rejects.jsonl, manifest.json)")
+    p.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="GLOB",
+        help="input JSONL file or glob (quote it); repeat for several",
+    )
+    p.add_argument(
+        "--output", required=True, help="dataset directory (train.jsonl, val.jsonl, rejects.jsonl, manifest.json)"
+    )
     flags.add(p, DatasetOptions)
     p.add_argument("--force", action="store_true", help="rebuild even when the manifest says it is up to date")
 

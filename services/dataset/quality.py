@@ -5,13 +5,34 @@ score = 0.4·connectives + 0.3·depth + 0.3·diversity, each in [0, 1]:
 - depth: non-empty lines/sentences of reasoning, 6 or more scores 1;
 - diversity: distinct character bigrams / all bigrams (repetitive text scores low).
 """
+
 from __future__ import annotations
 
 import re
 
 CONNECTIVES = (
-    "なぜなら", "したがって", "そのため", "ただし", "しかし", "つまり", "一方", "ため", "ので", "よって", "まず", "次に",
-    "because", "therefore", "so ", "however", "but ", "since", "thus", "first", "then", "hence",
+    "なぜなら",
+    "したがって",
+    "そのため",
+    "ただし",
+    "しかし",
+    "つまり",
+    "一方",
+    "ため",
+    "ので",
+    "よって",
+    "まず",
+    "次に",
+    "because",
+    "therefore",
+    "so ",
+    "however",
+    "but ",
+    "since",
+    "thus",
+    "first",
+    "then",
+    "hence",
 )
 _SENTENCE = re.compile(r"[^。.!?！？\n]+")
 

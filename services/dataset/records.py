@@ -1,4 +1,5 @@
 """Validate one input line of the prototype's four-class JSONL into a `Source`, or say exactly why not."""
+
 from __future__ import annotations
 
 import json
@@ -93,8 +94,11 @@ def parse_line(raw: bytes) -> tuple[dict, Source]:
     if not label:
         raise Reject("missing_field", "field 'four_class_label' is missing", "four_class_label")
     if label not in LABELS:
-        raise Reject("unknown_label", f"field 'four_class_label': unknown label {labels['four_class_label']!r} "
-                     f"(expected {', '.join(LABELS)})", "four_class_label")
+        raise Reject(
+            "unknown_label",
+            f"field 'four_class_label': unknown label {labels['four_class_label']!r} (expected {', '.join(LABELS)})",
+            "four_class_label",
+        )
 
     if fields["instruction"]:
         user = fields["instruction"] + (f"\n\n{fields['input']}" if fields["input"] else "")
@@ -110,6 +114,13 @@ def parse_line(raw: bytes) -> tuple[dict, Source]:
     if label == "ALLOW" and not answer:
         raise Reject("missing_field", "field 'output' is missing or empty (an ALLOW record needs the answer)", "output")
 
-    source = Source(user=user, answer=answer, system=fields["system"], label=label,
-                    domain=labels["domain_label"], safety=labels["safety_label"], lang=detect_lang(user))
+    source = Source(
+        user=user,
+        answer=answer,
+        system=fields["system"],
+        label=label,
+        domain=labels["domain_label"],
+        safety=labels["safety_label"],
+        lang=detect_lang(user),
+    )
     return obj, source

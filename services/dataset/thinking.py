@@ -7,6 +7,7 @@ ALLOW the reference answer, ESCALATION a hand-off to a human expert with why, DE
 safe alternative, REFUSE a short refusal with no detail. Japanese by default, English for English requests.
 Records whose output is already in /think form keep their thinking and answer.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,15 +18,17 @@ from shared.think_format import Thinking, find_label, parse, verdict_line
 _TEXT = {
     "ja": {
         "task": "依頼の内容: {summary}\nユーザーは{domain}について{kind}を求めている。",
-        "kind_q": "回答", "kind_do": "対応",
+        "kind_q": "回答",
+        "kind_do": "対応",
         "domain_default": "一般的な話題",
         "safety": {
             "ALLOW": "安全性の評価: 有害な意図や危険な情報は見当たらない。一般的な情報提供の範囲に収まる。",
             "ESCALATION": "安全性の評価: {domain}に関する個別の判断を含み、誤った回答は利用者に不利益を与えうる。"
-                          "AIだけで結論を出すべきではない。",
+            "AIだけで結論を出すべきではない。",
             "DENY": "安全性の評価: この依頼は{safety}に該当し、そのまま応じると危害につながるおそれがある。"
-                    "ただし安全な代替案は示せる。",
-            "REFUSE": "安全性の評価: この依頼は{safety}に該当する明確に有害な内容であり、詳細を示すこと自体が危険である。",
+            "ただし安全な代替案は示せる。",
+            "REFUSE": "安全性の評価: この依頼は{safety}に該当する明確に有害な内容であり、"
+            "詳細を示すこと自体が危険である。",
         },
         "policy": {
             "ALLOW": "適用する方針: 許可された一般的な依頼には、正確で役に立つ回答をそのまま示す。",
@@ -35,39 +38,41 @@ _TEXT = {
         },
         "final": {
             "ESCALATION": "この件は{domain}の専門的な判断が必要なため、担当の専門家（人間）に引き継ぎます。"
-                          "誤った判断が不利益につながるおそれがあるためです。専門家からの連絡をお待ちください。",
-            "DENY": "申し訳ありませんが、この依頼には応じられません。{safety}に関わる内容で、危害につながるおそれがあるためです。"
-                    "代わりに、公的な窓口や信頼できる公式情報など、安全な方法をご案内できます。",
+            "誤った判断が不利益につながるおそれがあるためです。専門家からの連絡をお待ちください。",
+            "DENY": "申し訳ありませんが、この依頼には応じられません。"
+            "{safety}に関わる内容で、危害につながるおそれがあるためです。"
+            "代わりに、公的な窓口や信頼できる公式情報など、安全な方法をご案内できます。",
             "REFUSE": "申し訳ありませんが、このご依頼にはお応えできません。",
         },
         "safety_default": "安全上の問題",
     },
     "en": {
         "task": "Request: {summary}\nThe user wants {kind} about {domain}.",
-        "kind_q": "an answer", "kind_do": "help",
+        "kind_q": "an answer",
+        "kind_do": "help",
         "domain_default": "a general topic",
         "safety": {
             "ALLOW": "Safety assessment: no harmful intent or dangerous information. This is ordinary information.",
             "ESCALATION": "Safety assessment: this needs an individual judgement in {domain}; a wrong answer could "
-                          "harm the user. An AI should not decide it alone.",
+            "harm the user. An AI should not decide it alone.",
             "DENY": "Safety assessment: the request falls under {safety} and could lead to harm if followed as asked, "
-                    "but a safe alternative can be offered.",
+            "but a safe alternative can be offered.",
             "REFUSE": "Safety assessment: the request is clearly harmful ({safety}); giving any detail would itself be "
-                      "dangerous.",
+            "dangerous.",
         },
         "policy": {
             "ALLOW": "Applicable policy: answer allowed requests accurately and helpfully.",
             "ESCALATION": "Applicable policy: hand requests that need professional judgement to a human expert, "
-                          "with the reason.",
+            "with the reason.",
             "DENY": "Applicable policy: decline requests that could cause harm, explain why, and offer a safe "
-                    "alternative.",
+            "alternative.",
             "REFUSE": "Applicable policy: refuse clearly harmful requests briefly, without detail.",
         },
         "final": {
             "ESCALATION": "This needs a professional judgement in {domain}, so I am handing it to a human expert: a "
-                          "wrong decision could cause you harm. The expert will get back to you.",
+            "wrong decision could cause you harm. The expert will get back to you.",
             "DENY": "I'm sorry, but I can't help with that request: it concerns {safety} and could lead to harm. "
-                    "Instead, I can point you to official resources or a safe way to reach your goal.",
+            "Instead, I can point you to official resources or a safe way to reach your goal.",
             "REFUSE": "I'm sorry, but I can't help with that.",
         },
         "safety_default": "a safety risk",
@@ -103,11 +108,15 @@ def from_existing(src: Source) -> tuple[Thinking, str] | None:
         return None
     parsed = parse(src.answer)
     if not parsed.ok:
-        raise Reject("malformed_think", f"field 'output' looks like /think output but does not parse: {parsed.error}",
-                     "output")
+        raise Reject(
+            "malformed_think", f"field 'output' looks like /think output but does not parse: {parsed.error}", "output"
+        )
     if parsed.label and parsed.label != src.label:
-        raise Reject("label_mismatch", f"field 'output' says {parsed.label} but four_class_label is {src.label}",
-                     "four_class_label")
+        raise Reject(
+            "label_mismatch",
+            f"field 'output' says {parsed.label} but four_class_label is {src.label}",
+            "four_class_label",
+        )
     thinking = parsed.thinking or ""
     derived, _ = derive(src)
     if find_label(thinking) is None:  # teach the label even when the source thinking did not state it

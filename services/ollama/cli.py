@@ -1,4 +1,5 @@
 """Ollama: write the Modelfile, import GGUFs into a server (tags per quantisation), run the /think smoke test."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,33 +15,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     host_help = "Ollama server URL (default: $OLLAMA_HOST, else http://127.0.0.1:11434)"
     wait_help = "seconds to wait for the server to come up (default 120)"
 
-    imp = sub.add_parser("import", help="upload GGUFs and create name:<quant> models (e.g. so8t-think:q4_k_m)",
-                         description="Upload GGUFs to an Ollama server and create a model per quantisation.")
+    imp = sub.add_parser(
+        "import",
+        help="upload GGUFs and create name:<quant> models (e.g. so8t-think:q4_k_m)",
+        description="Upload GGUFs to an Ollama server and create a model per quantisation.",
+    )
     imp.add_argument("--gguf", nargs="+", required=True, type=Path, help="GGUF file(s) written by `so8t convert`")
-    imp.add_argument("--model", required=True,
-                     help="model name; the tag is the quantisation (name:f16, name:q8_0, name:q4_k_m) unless given "
-                          "as name:tag (one GGUF only)")
-    imp.add_argument("--run-dir", type=Path, default=None,
-                     help="where Modelfile.<tag> and manifest.json go (default: <gguf dir>/../ollama)")
+    imp.add_argument(
+        "--model",
+        required=True,
+        help="model name; the tag is the quantisation (name:f16, name:q8_0, name:q4_k_m) unless given "
+        "as name:tag (one GGUF only)",
+    )
+    imp.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="where Modelfile.<tag> and manifest.json go (default: <gguf dir>/../ollama)",
+    )
     imp.add_argument("--format", choices=FORMATS, default="simple", help="the /think format the model was trained on")
     imp.add_argument("--host", default=None, help=host_help)
     imp.add_argument("--wait", type=float, default=120.0, help=wait_help)
 
-    smk = sub.add_parser("smoke", help="ask /think prompts at temperature 0 and check the format; writes smoke.json",
-                         description="Japanese and English /think prompts through the chat API, parsed by the "
-                                     "shared parser; fails unless thinking and answer come apart cleanly.")
+    smk = sub.add_parser(
+        "smoke",
+        help="ask /think prompts at temperature 0 and check the format; writes smoke.json",
+        description="Japanese and English /think prompts through the chat API, parsed by the "
+        "shared parser; fails unless thinking and answer come apart cleanly.",
+    )
     smk.add_argument("--model", required=True, help="name:tag of an imported model")
     smk.add_argument("--output", type=Path, required=True, help="directory for smoke.json")
     smk.add_argument("--host", default=None, help=host_help)
     smk.add_argument("--wait", type=float, default=120.0, help=wait_help)
     smk.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per reply (default 600)")
 
-    mf = sub.add_parser("modelfile", help="print or write the Modelfile of a GGUF (for `ollama create -f`)",
-                        description="The generated Modelfile: FROM the GGUF (relative to the Modelfile), the "
-                                    "Phi-3.5 template, stop tokens, sampling parameters and the /think system prompt.")
+    mf = sub.add_parser(
+        "modelfile",
+        help="print or write the Modelfile of a GGUF (for `ollama create -f`)",
+        description="The generated Modelfile: FROM the GGUF (relative to the Modelfile), the "
+        "Phi-3.5 template, stop tokens, sampling parameters and the /think system prompt.",
+    )
     mf.add_argument("--gguf", required=True, type=Path, help="the GGUF file")
-    mf.add_argument("--output", type=Path, default=None,
-                    help="Modelfile path; FROM is then relative to it (default: print to stdout, FROM absolute)")
+    mf.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="Modelfile path; FROM is then relative to it (default: print to stdout, FROM absolute)",
+    )
     mf.add_argument("--format", choices=FORMATS, default="simple", help="the /think format the model was trained on")
 
 
@@ -75,8 +96,10 @@ def _smoke(args: argparse.Namespace) -> int:
     except ollama.ResponseError as err:
         raise StageError(f"{args.model} at {importer.host_of(c)}: HTTP {err.status_code}: {err.error}") from None
     for r in out["results"]:
-        print(f"{'PASS' if r['passed'] else 'FAIL'}  [{r['lang']}] {r['prompt']}  label={r['label']}"
-              + ("" if r["passed"] else f"  ({r['error']})"))
+        print(
+            f"{'PASS' if r['passed'] else 'FAIL'}  [{r['lang']}] {r['prompt']}  label={r['label']}"
+            + ("" if r["passed"] else f"  ({r['error']})")
+        )
     print(f"transcripts: {args.output / 'smoke.json'}")
     if not out["passed"]:
         raise StageError(f"{len(out['failed'])} of {len(out['results'])} replies are not in the /think format")

@@ -5,6 +5,7 @@ The 0.6 client has no Modelfile argument: the GGUF goes up as a blob (sha256-add
 beside the run (`<run>/ollama/Modelfile.<tag>`) for `ollama create -f`. The server may still be starting (compose
 starts both together), so connecting is retried with tenacity until `--wait` runs out.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -57,8 +58,9 @@ def gguf_qtype(path: Path) -> str:
     except Exception as err:  # unreadable header: the caller gets a clear message
         raise ImportFailed(f"{path}: cannot tell its quantisation ({err}); give the tag in --model name:tag") from None
     if code not in by_code:
-        raise ImportFailed(f"{path}: GGUF file_type {code} is not one of {', '.join(GGUF_TYPES)}; "
-                           "give --model name:tag")
+        raise ImportFailed(
+            f"{path}: GGUF file_type {code} is not one of {', '.join(GGUF_TYPES)}; give --model name:tag"
+        )
     return by_code[code]
 
 
@@ -79,11 +81,17 @@ def host_of(c: ollama.Client) -> str:
 
 def retrying(call: Callable[[], T], wait_s: float, what: str) -> T:
     """Run `call`, retrying connection failures with exponential backoff for up to `wait_s` seconds."""
+
     def before_sleep(state) -> None:
         log.info("%s: server not reachable yet (%s), retrying", what, state.outcome.exception())
 
-    for attempt in Retrying(stop=stop_after_delay(wait_s), wait=wait_exponential(multiplier=0.25, max=5),
-                            retry=retry_if_exception_type(_TRANSIENT), before_sleep=before_sleep, reraise=True):
+    for attempt in Retrying(
+        stop=stop_after_delay(wait_s),
+        wait=wait_exponential(multiplier=0.25, max=5),
+        retry=retry_if_exception_type(_TRANSIENT),
+        before_sleep=before_sleep,
+        reraise=True,
+    ):
         with attempt:
             return call()
     raise AssertionError("unreachable")  # Retrying either returns or re-raises
@@ -93,8 +101,10 @@ def wait_for_server(c: ollama.Client, wait_s: float) -> None:
     try:
         retrying(c.list, wait_s, "ollama")
     except _TRANSIENT as err:
-        raise ImportFailed(f"no Ollama server answered at {host_of(c)} within {wait_s:.0f}s ({err}); "
-                           "start it (docker compose up ollama, or `ollama serve`) or set OLLAMA_HOST") from None
+        raise ImportFailed(
+            f"no Ollama server answered at {host_of(c)} within {wait_s:.0f}s ({err}); "
+            "start it (docker compose up ollama, or `ollama serve`) or set OLLAMA_HOST"
+        ) from None
 
 
 def write_modelfile(gguf: Path, run_dir: Path, tag: str, fmt: Format) -> Path:
@@ -103,8 +113,9 @@ def write_modelfile(gguf: Path, run_dir: Path, tag: str, fmt: Format) -> Path:
     return path
 
 
-def import_gguf(c: ollama.Client, gguf: Path, model: str, run_dir: Path, fmt: Format = "simple",
-                wait_s: float = 0) -> Imported:
+def import_gguf(
+    c: ollama.Client, gguf: Path, model: str, run_dir: Path, fmt: Format = "simple", wait_s: float = 0
+) -> Imported:
     """Upload one GGUF and create `model` from it. Raises ImportFailed on any failure (never a warning)."""
     if not gguf.is_file():
         raise ImportFailed(f"{gguf}: GGUF file not found")
@@ -115,11 +126,18 @@ def import_gguf(c: ollama.Client, gguf: Path, model: str, run_dir: Path, fmt: Fo
     try:
         digest = retrying(lambda: c.create_blob(gguf), wait_s, "ollama blob upload")
         log.info("creating %s from blob %s", name, digest)
-        resp = c.create(model=name, files={gguf.name: digest}, template=modelfile.TEMPLATE,
-                        system=modelfile.system(fmt), parameters=modelfile.parameters(), stream=False)
+        resp = c.create(
+            model=name,
+            files={gguf.name: digest},
+            template=modelfile.TEMPLATE,
+            system=modelfile.system(fmt),
+            parameters=modelfile.parameters(),
+            stream=False,
+        )
     except ollama.ResponseError as err:
-        raise ImportFailed(f"Ollama at {host_of(c)} refused {name} from {gguf}: "
-                           f"HTTP {err.status_code}: {err.error}") from None
+        raise ImportFailed(
+            f"Ollama at {host_of(c)} refused {name} from {gguf}: HTTP {err.status_code}: {err.error}"
+        ) from None
     except _TRANSIENT as err:
         raise ImportFailed(f"lost the Ollama server at {host_of(c)} while importing {gguf}: {err}") from None
     if resp.status != "success":
@@ -133,11 +151,22 @@ def record(run_dir: Path, done: list[Imported], fmt: Format, host: str, started:
     models: dict[str, Any] = dict(old.get("outputs", {}).get("models", {}))
     inputs: dict[str, Any] = dict(old.get("inputs", {}))
     for imp in done:
-        inputs[imp.model] = {"path": str(imp.gguf), "kind": "file", "sha256": imp.digest.removeprefix("sha256:"),
-                             "bytes": imp.gguf.stat().st_size}
-        models[imp.model] = {"gguf": str(imp.gguf), "qtype": imp.qtype, "digest": imp.digest,
-                             "modelfile": imp.modelfile.name, "host": host,
-                             "imported_at": manifest.utc_stamp()}
+        inputs[imp.model] = {
+            "path": str(imp.gguf),
+            "kind": "file",
+            "sha256": imp.digest.removeprefix("sha256:"),
+            "bytes": imp.gguf.stat().st_size,
+        }
+        models[imp.model] = {
+            "gguf": str(imp.gguf),
+            "qtype": imp.qtype,
+            "digest": imp.digest,
+            "modelfile": imp.modelfile.name,
+            "host": host,
+            "imported_at": manifest.utc_stamp(),
+        }
     config = {"format": fmt, "template": modelfile.TEMPLATE, "parameters": modelfile.parameters()}
-    m = manifest.build("ollama", inputs, config, config_hash(config), started, {"models": len(models)}, {"models": models})
+    m = manifest.build(
+        "ollama", inputs, config, config_hash(config), started, {"models": len(models)}, {"models": models}
+    )
     return manifest.write(run_dir, m)

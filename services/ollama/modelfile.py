@@ -3,6 +3,7 @@
 The same pieces go to the Ollama API (`create(template=, system=, parameters=)`) and into the Modelfile text
 saved with the run for people who use `ollama create -f`. Nothing here edits a tracked file.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,8 @@ TEMPLATE = (
     "{{ if .Messages }}"
     "{{ if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}"
     "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
-    "{{ if eq .Role \"user\" }}<|user|>\n{{ .Content }}<|end|>\n{{ if $last }}<|assistant|>\n{{ end }}"
-    "{{ else if eq .Role \"assistant\" }}<|assistant|>\n{{ .Content }}{{ if not $last }}<|end|>\n{{ end }}"
+    '{{ if eq .Role "user" }}<|user|>\n{{ .Content }}<|end|>\n{{ if $last }}<|assistant|>\n{{ end }}'
+    '{{ else if eq .Role "assistant" }}<|assistant|>\n{{ .Content }}{{ if not $last }}<|end|>\n{{ end }}'
     "{{ end }}{{ end }}"
     "{{ else }}"
     "{{ if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}"

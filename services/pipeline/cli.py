@@ -1,4 +1,5 @@
 """Run the whole chain natively (dataset, train, bake, convert, Ollama if reachable, /think smoke)."""
+
 from __future__ import annotations
 
 import argparse
@@ -42,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {name:<13} {path}")
     if "smoke" in summary:
         s = summary["smoke"]
-        print(f"/think ({s['gguf']}):\n  prompt : {s['prompt']}\n  status : {s['status_code']}\n"
-              f"  answer : {json.dumps(s['response'], ensure_ascii=False)}")
+        print(
+            f"/think ({s['gguf']}):\n  prompt : {s['prompt']}\n  status : {s['status_code']}\n"
+            f"  answer : {json.dumps(s['response'], ensure_ascii=False)}"
+        )
     return 0

@@ -3,6 +3,7 @@
 Each stage's section is that stage's own option model (plus where its input comes from), so an option is
 declared once, in the stage, and the profile sets it under the same name as the stage's CLI flag.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -21,14 +22,18 @@ NAME = r"^[A-Za-z0-9._-]+$"
 
 class DatasetStage(DatasetOptions):
     id: str = Field("example", pattern=NAME, description="the dataset's directory name under <data>/datasets/")
-    inputs: list[str] | None = Field(None, min_length=1,
-                                     description="input globs (default: <data>/input/four_class/*.jsonl)")
+    inputs: list[str] | None = Field(
+        None, min_length=1, description="input globs (default: <data>/input/four_class/*.jsonl)"
+    )
 
 
 class TrainStage(StrictModel):
     config: str = Field("configs/train/tiny.yaml", description="training profile")
-    base_model: BaseModelId = Field("tiny", description="hub id, local directory, or 'tiny' for the tiny random "
-                                                        "Phi-3 (built once under <data>/models/tiny)")
+    base_model: BaseModelId = Field(
+        "tiny",
+        description="hub id, local directory, or 'tiny' for the tiny random "
+        "Phi-3 (built once under <data>/models/tiny)",
+    )
     max_steps: MaxSteps | None = None
     seed: Seed | None = None
 
@@ -39,13 +44,13 @@ class ConvertStage(ConvertOptions):
 
 class OllamaStage(StrictModel):
     enabled: Literal["auto", "always", "never"] = Field(
-        "auto", description="natively: import only when a server answers at OLLAMA_HOST (auto), always, never")
+        "auto", description="natively: import only when a server answers at OLLAMA_HOST (auto), always, never"
+    )
     model: str = Field("so8t-think", pattern=r"^[a-z0-9._/-]+$", description="Ollama model name (<name>:<type>)")
 
 
 class ServeStage(StrictModel):
-    gguf_type: GgufType = Field("Q4_K_M", description="the quantisation the think API serves and the smoke "
-                                                      "tests ask")
+    gguf_type: GgufType = Field("Q4_K_M", description="the quantisation the think API serves and the smoke tests ask")
 
 
 class SmokeStage(StrictModel):

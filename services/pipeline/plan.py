@@ -5,6 +5,7 @@ every stage container runs `python -m services.stack --config configs/pipeline/<
 its command and its upstream from here. Paths come from shared.layout, settings from the profile: nothing else
 spells a stage's command line. Kept free of heavy imports (it runs in every image).
 """
+
 from __future__ import annotations
 
 import sys
@@ -46,36 +47,115 @@ def plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
     if t.base_model == TINY and not (Path(base) / "config.json").is_file():
         stages.append(Stage("tiny-model", (_py("services.tiny_model", "--output", base),), None))
     inputs = d.inputs or [str(layout.input_glob)]
-    stages.append(Stage("dataset", (_py("services.dataset", *sum((["--input", i] for i in inputs), []), "--output",
-                                        str(ds), *flags.to_argv(d, DatasetOptions.model_fields)),), ds))
-    train = ["--config", t.config, "--dataset", str(ds / "train.jsonl"), "--output-dir", str(run.train),
-             "--base-model", base]
+    stages.append(
+        Stage(
+            "dataset",
+            (
+                _py(
+                    "services.dataset",
+                    *sum((["--input", i] for i in inputs), []),
+                    "--output",
+                    str(ds),
+                    *flags.to_argv(d, DatasetOptions.model_fields),
+                ),
+            ),
+            ds,
+        )
+    )
+    train = [
+        "--config",
+        t.config,
+        "--dataset",
+        str(ds / "train.jsonl"),
+        "--output-dir",
+        str(run.train),
+        "--base-model",
+        base,
+    ]
     train += ["--max-steps", str(t.max_steps)] if t.max_steps else []
     train += ["--seed", str(t.seed)] if t.seed is not None else []
     stages.append(Stage("train", (_py("services.trainer", *train),), run.final, ("dataset",)))
-    stages.append(Stage("bake", (_py("services.baker", "--trained", str(run.final), "--output", str(run.baked),
-                                     *flags.to_argv(cfg.bake)),), run.baked, ("train",)))
+    stages.append(
+        Stage(
+            "bake",
+            (_py("services.baker", "--trained", str(run.final), "--output", str(run.baked), *flags.to_argv(cfg.bake)),),
+            run.baked,
+            ("train",),
+        )
+    )
     c = cfg.convert
-    stages.append(Stage("convert", (_py("services.converter", "--model", str(run.baked), "--output-dir",
-                                        str(run.gguf), "--name", c.name,
-                                        *flags.to_argv(c, ConvertOptions.model_fields)),), run.gguf, ("bake",)))
+    stages.append(
+        Stage(
+            "convert",
+            (
+                _py(
+                    "services.converter",
+                    "--model",
+                    str(run.baked),
+                    "--output-dir",
+                    str(run.gguf),
+                    "--name",
+                    c.name,
+                    *flags.to_argv(c, ConvertOptions.model_fields),
+                ),
+            ),
+            run.gguf,
+            ("bake",),
+        )
+    )
     o = cfg.ollama
     ggufs = [str(run.gguf_file(c.name, qtype)) for qtype in c.types]
-    stages.append(Stage("ollama-import", (_py("services.ollama", "import", "--gguf", *ggufs, "--model", o.model,
-                                              "--run-dir", str(run.ollama), "--format", d.format),),
-                        None, ("convert",), needs_ollama=True))
-    stages.append(Stage("ollama-smoke", (_py("services.ollama", "smoke", "--model",
-                                             f"{o.model}:{ollama_tag(cfg.serve.gguf_type)}", "--output",
-                                             str(run.ollama)),),
-                        None, ("ollama-import",), needs_ollama=True))
+    stages.append(
+        Stage(
+            "ollama-import",
+            (
+                _py(
+                    "services.ollama",
+                    "import",
+                    "--gguf",
+                    *ggufs,
+                    "--model",
+                    o.model,
+                    "--run-dir",
+                    str(run.ollama),
+                    "--format",
+                    d.format,
+                ),
+            ),
+            None,
+            ("convert",),
+            needs_ollama=True,
+        )
+    )
+    stages.append(
+        Stage(
+            "ollama-smoke",
+            (
+                _py(
+                    "services.ollama",
+                    "smoke",
+                    "--model",
+                    f"{o.model}:{ollama_tag(cfg.serve.gguf_type)}",
+                    "--output",
+                    str(run.ollama),
+                ),
+            ),
+            None,
+            ("ollama-import",),
+            needs_ollama=True,
+        )
+    )
     return stages
 
 
 def serve_command(cfg: PipelineConfig, layout: Layout, backend: str = "ollama") -> tuple[str, ...]:
     """`so8t serve` for what the chain made: the Ollama tag (or, with llamacpp, the GGUF) of `serve.gguf_type`."""
     qtype = cfg.serve.gguf_type
-    model = (f"{cfg.ollama.model}:{ollama_tag(qtype)}" if backend == "ollama"
-             else str(layout.run(cfg.run_id).gguf_file(cfg.convert.name, qtype)))
+    model = (
+        f"{cfg.ollama.model}:{ollama_tag(qtype)}"
+        if backend == "ollama"
+        else str(layout.run(cfg.run_id).gguf_file(cfg.convert.name, qtype))
+    )
     return _py("services.think_api", "--backend", backend, "--model", model, "--format", cfg.dataset.format)
 
 

@@ -5,6 +5,7 @@ streams to the console and to `<run>/logs/<stage>.log`. Stages skip themselves w
 inputs, the trainer resumes from its newest checkpoint, and the first failing stage stops the chain by name.
 `<run>/status.json` (atomic) says which stage runs, the progress and an ETA.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,6 +43,7 @@ def _train_progress(session: Path) -> Callable[[], float | None]:
             return min(1.0, s["step"] / max(1, s["total_steps"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
     return read
 
 
@@ -73,8 +75,13 @@ def native_plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
 class Status:
     """`status.json`: the current stage, progress, ETA, and each stage's outcome."""
 
-    def __init__(self, path: Path, stages: list[Stage], history: dict[str, float],
-                 progress: dict[str, Callable[[], float | None]]):
+    def __init__(
+        self,
+        path: Path,
+        stages: list[Stage],
+        history: dict[str, float],
+        progress: dict[str, Callable[[], float | None]],
+    ):
         self.path, self.names, self.history, self.progress = path, [s.name for s in stages], history, progress
         self.state: dict[str, dict] = {n: {"state": "pending"} for n in self.names}
         self.current: Stage | None = None
@@ -107,16 +114,19 @@ class Status:
     def write(self, overall: str = "running") -> None:
         with self._lock:
             cur = self.current
-            atomic.write_json(self.path, {
-                "state": overall,
-                "stage": cur.name if cur else None,
-                "stage_index": self.names.index(cur.name) + 1 if cur else None,
-                "stages_total": len(self.names),
-                "stage_progress": self.fraction(),
-                "eta_seconds": self.eta(),
-                "elapsed_seconds": round(time.time() - self.started, 1),
-                "stages": self.state,
-            })
+            atomic.write_json(
+                self.path,
+                {
+                    "state": overall,
+                    "stage": cur.name if cur else None,
+                    "stage_index": self.names.index(cur.name) + 1 if cur else None,
+                    "stages_total": len(self.names),
+                    "stage_progress": self.fraction(),
+                    "eta_seconds": self.eta(),
+                    "elapsed_seconds": round(time.time() - self.started, 1),
+                    "stages": self.state,
+                },
+            )
 
 
 def _run_stage(stage: Stage, log_path: Path, status: Status) -> tuple[int, float]:
@@ -137,8 +147,15 @@ def _run_stage(stage: Stage, log_path: Path, status: Status) -> tuple[int, float
         try:
             for argv in stage.commands:
                 lf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n")
-                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                        text=True, errors="replace", bufsize=1)
+                proc = subprocess.Popen(
+                    argv,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    text=True,
+                    errors="replace",
+                    bufsize=1,
+                )
                 try:
                     for line in proc.stdout:  # type: ignore[union-attr]
                         sys.stdout.write(f"[{stage.name}] {line}")
@@ -182,18 +199,28 @@ def run(cfg: PipelineConfig, layout: Layout, smoke: Callable[[PipelineConfig, La
             raise StageFailed(stage.name, code, log_path)
         after = manifest.read(stage.output) if stage.output else None
         if stage.output and after is None:
-            status.state[stage.name] = {"state": "failed", "exit_code": 0, "seconds": round(seconds, 1),
-                                        "error": f"no manifest in {stage.output}"}
+            status.state[stage.name] = {
+                "state": "failed",
+                "exit_code": 0,
+                "seconds": round(seconds, 1),
+                "error": f"no manifest in {stage.output}",
+            }
             status.write("failed")
             raise StageFailed(stage.name, 0, log_path)
         skipped = before is not None and after is not None and before.get("finished_at") == after.get("finished_at")
         status.state[stage.name] = {"state": "skipped" if skipped else "done", "seconds": round(seconds, 1)}
         log.info("stage %s %s in %.1fs", stage.name, "up to date (skipped)" if skipped else "done", seconds)
     status.current = None
-    summary = {"run": str(run_dir.root), "stages": status.state, "artifacts": {
-        "dataset": str(layout.dataset(cfg.dataset.id)), "train": str(run_dir.final), "baked": str(run_dir.baked),
-        "gguf": {t: str(run_dir.gguf_file(cfg.convert.name, t)) for t in cfg.convert.types},
-    }}
+    summary = {
+        "run": str(run_dir.root),
+        "stages": status.state,
+        "artifacts": {
+            "dataset": str(layout.dataset(cfg.dataset.id)),
+            "train": str(run_dir.final),
+            "baked": str(run_dir.baked),
+            "gguf": {t: str(run_dir.gguf_file(cfg.convert.name, t)) for t in cfg.convert.types},
+        },
+    }
     if smoke is not None:
         summary["smoke"] = smoke(cfg, layout)
     status.write("done")

@@ -1,4 +1,5 @@
 """The chain's last check: start `so8t serve` on the Q4_K_M GGUF (llama.cpp in-process), ask /think, stop it."""
+
 from __future__ import annotations
 
 import os
@@ -39,10 +40,12 @@ def think_smoke(cfg: PipelineConfig, layout: Layout, timeout: float = 120.0) -> 
                 if time.time() > deadline:
                     raise RuntimeError(f"think API did not become healthy in {timeout:.0f}s; see {log_path}")
                 time.sleep(0.5)
-            r = httpx.post(f"{base}/think", json={"prompt": cfg.smoke.prompt, "max_tokens": cfg.smoke.max_tokens,
-                                                  "temperature": 0.0}, timeout=timeout)
-            result = {"gguf": str(gguf), "prompt": cfg.smoke.prompt, "status_code": r.status_code,
-                      "response": r.json()}
+            r = httpx.post(
+                f"{base}/think",
+                json={"prompt": cfg.smoke.prompt, "max_tokens": cfg.smoke.max_tokens, "temperature": 0.0},
+                timeout=timeout,
+            )
+            result = {"gguf": str(gguf), "prompt": cfg.smoke.prompt, "status_code": r.status_code, "response": r.json()}
         finally:
             proc.terminate()
             try:

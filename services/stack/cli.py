@@ -13,6 +13,7 @@ tells the stages after it. Any command can be wrapped the same way: `--name NAME
 Environment: SO8T_PIPELINE_ID (set by `make pipeline`), SO8T_WAIT_TIMEOUT (default 7d; 0 = look once and fail at
 once), SO8T_WAIT_INTERVAL (default 10s), SO8T_STACK_DIR (only for --name).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,29 +22,46 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="PROFILE", help="pipeline profile (configs/pipeline/<profile>.yaml): "
-                                                        "run the named stages of its chain")
+    p.add_argument(
+        "--config",
+        metavar="PROFILE",
+        help="pipeline profile (configs/pipeline/<profile>.yaml): run the named stages of its chain",
+    )
     p.add_argument("--print", action="store_true", help="with --config: print each stage's upstream and commands")
     p.add_argument("--serve", action="store_true", help="with --config: exec the think API on the profile's model")
     p.add_argument("--name", help="without --config: this command's stage name (its finish marker's name)")
-    p.add_argument("--after", action="append", default=[], metavar="NAME[=DIR]",
-                   help="without --config: upstream stage that must be done first: its manifest.json in DIR, and, "
-                        "under a pipeline id, its finish marker from this pipeline; repeat for several")
-    p.add_argument("--timeout", default=os.environ.get("SO8T_WAIT_TIMEOUT", "7d"),
-                   help="give up waiting after this long (600, 30m, 12h, 7d; 0 = look once). "
-                        "Default $SO8T_WAIT_TIMEOUT or 7d")
+    p.add_argument(
+        "--after",
+        action="append",
+        default=[],
+        metavar="NAME[=DIR]",
+        help="without --config: upstream stage that must be done first: its manifest.json in DIR, and, "
+        "under a pipeline id, its finish marker from this pipeline; repeat for several",
+    )
+    p.add_argument(
+        "--timeout",
+        default=os.environ.get("SO8T_WAIT_TIMEOUT", "7d"),
+        help="give up waiting after this long (600, 30m, 12h, 7d; 0 = look once). Default $SO8T_WAIT_TIMEOUT or 7d",
+    )
     p.add_argument("--interval", default=os.environ.get("SO8T_WAIT_INTERVAL", "10s"), help="poll interval (10s)")
-    p.add_argument("--stack-dir", default=None,
-                   help="finish markers (default <run>/stack with --config, else $SO8T_STACK_DIR or $DATA_DIR/stack)")
-    p.add_argument("words", nargs=argparse.REMAINDER, metavar="STAGE... [-- ARGS] | -- COMMAND",
-                   help="stages of the profile's chain (then extra arguments for the last one after --), or "
-                        "with --name the command after --")
+    p.add_argument(
+        "--stack-dir",
+        default=None,
+        help="finish markers (default <run>/stack with --config, else $SO8T_STACK_DIR or $DATA_DIR/stack)",
+    )
+    p.add_argument(
+        "words",
+        nargs=argparse.REMAINDER,
+        metavar="STAGE... [-- ARGS] | -- COMMAND",
+        help="stages of the profile's chain (then extra arguments for the last one after --), or "
+        "with --name the command after --",
+    )
 
 
 def _split(words: list[str]) -> tuple[list[str], list[str]]:
     if "--" in words:
         i = words.index("--")
-        return words[:i], words[i + 1:]
+        return words[:i], words[i + 1 :]
     return words, []
 
 
@@ -60,8 +78,7 @@ def profile_jobs(profile: str, names: list[str], extra: list[str], layout=None):
     chain = plan(cfg, layout)
     outputs = {s.name: s.output for s in chain}
     stages = [stage(chain, name) for name in names]
-    jobs = [Job(s.name, [Upstream(u, outputs.get(u)) for u in s.after], [list(c) for c in s.commands])
-            for s in stages]
+    jobs = [Job(s.name, [Upstream(u, outputs.get(u)) for u in s.after], [list(c) for c in s.commands]) for s in stages]
     if jobs:
         jobs[-1].commands[-1] += extra
     return jobs, layout.run(cfg.run_id).stack
@@ -102,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
     else:
         if not args.name:
-            print("python -m services.stack: give --config PROFILE STAGE..., or --name NAME -- COMMAND",
-                  file=sys.stderr)
+            print(
+                "python -m services.stack: give --config PROFILE STAGE..., or --name NAME -- COMMAND", file=sys.stderr
+            )
             return 2
         try:
             jobs = [Job(args.name, [Upstream.parse(s) for s in args.after], split_commands(tail) if tail else [])]

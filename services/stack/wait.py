@@ -11,6 +11,7 @@ have finished in this pipeline: every stage run through here leaves `<stack dir>
 code) when its command ends, and a stage waits for exit code 0 under its own pipeline id. Without a pipeline id
 (`make train`, `docker compose run`), only the manifest counts.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,18 +82,22 @@ def read_marker(stack_dir: Path, name: str) -> dict | None:
         return None
 
 
-def write_marker(stack_dir: Path, name: str, pipeline_id: str, exit_code: int, commands: Sequence[Sequence[str]],
-                 started: float) -> Path:
+def write_marker(
+    stack_dir: Path, name: str, pipeline_id: str, exit_code: int, commands: Sequence[Sequence[str]], started: float
+) -> Path:
     path = marker_path(stack_dir, name)
-    atomic.write_json(path, {
-        "stage": name,
-        "pipeline_id": pipeline_id,
-        "exit_code": exit_code,
-        "state": "done" if exit_code == 0 else "failed",
-        "started_at": manifest.utc_stamp(started),
-        "finished_at": manifest.utc_stamp(),
-        "commands": [list(c) for c in commands],
-    })
+    atomic.write_json(
+        path,
+        {
+            "stage": name,
+            "pipeline_id": pipeline_id,
+            "exit_code": exit_code,
+            "state": "done" if exit_code == 0 else "failed",
+            "started_at": manifest.utc_stamp(started),
+            "finished_at": manifest.utc_stamp(),
+            "commands": [list(c) for c in commands],
+        },
+    )
     return path
 
 
@@ -106,23 +111,39 @@ def pending(up: Upstream, stack_dir: Path, pipeline_id: str) -> str | None:
     if m is None:
         return f"{up.name} has not finished in pipeline {pipeline_id} yet"
     if m.get("pipeline_id") != pipeline_id:
-        return (f"{up.name} has not finished in pipeline {pipeline_id} yet "
-                f"(its last finish was in pipeline {m.get('pipeline_id')!r}, at {m.get('finished_at')})")
+        return (
+            f"{up.name} has not finished in pipeline {pipeline_id} yet "
+            f"(its last finish was in pipeline {m.get('pipeline_id')!r}, at {m.get('finished_at')})"
+        )
     if m.get("exit_code") != 0:
         return f"{up.name} failed in this pipeline (exit {m.get('exit_code')}); waiting for its restart"
     return None
 
 
-def wait_for(upstreams: Sequence[Upstream], *, name: str, stack_dir: Path, pipeline_id: str, timeout: float,
-             interval: float = 10.0, report_every: float = 600.0,
-             clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> str | None:
+def wait_for(
+    upstreams: Sequence[Upstream],
+    *,
+    name: str,
+    stack_dir: Path,
+    pipeline_id: str,
+    timeout: float,
+    interval: float = 10.0,
+    report_every: float = 600.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str | None:
     """Block until every upstream is done. Returns None, or why it gave up after `timeout` seconds (0: look once)."""
     if not upstreams:
         return None
     start = clock()
     scope = f"pipeline {pipeline_id}" if pipeline_id else "no pipeline id: any manifest counts"
-    log.info("%s waits for %s [%s]; gives up after %s", name, ", ".join(u.describe() for u in upstreams), scope,
-             format_duration(timeout) if timeout else "one look")
+    log.info(
+        "%s waits for %s [%s]; gives up after %s",
+        name,
+        ", ".join(u.describe() for u in upstreams),
+        scope,
+        format_duration(timeout) if timeout else "one look",
+    )
     last_reason, last_report = None, start
     while True:
         reasons = [r for r in (pending(u, stack_dir, pipeline_id) for u in upstreams) if r]
@@ -220,13 +241,22 @@ def run_jobs(jobs: Sequence[Job], stack_dir: Path, timeout: str, interval: str) 
     forwarder.install()
     for job in jobs:
         started = time.time()
-        reason = wait_for(job.upstreams, name=job.name, stack_dir=stack_dir, pipeline_id=pipeline_id,
-                          timeout=limit, interval=every)
+        reason = wait_for(
+            job.upstreams, name=job.name, stack_dir=stack_dir, pipeline_id=pipeline_id, timeout=limit, interval=every
+        )
         if reason is not None:
-            hint = ("run that stage first (make <stage>)" if limit == 0
-                    else "check the upstream's logs (make logs) or raise SO8T_WAIT_TIMEOUT")
-            log.error("%s gave up waiting after %s: %s; %s", job.name, format_duration(limit) if limit else
-                      "one look", reason, hint)
+            hint = (
+                "run that stage first (make <stage>)"
+                if limit == 0
+                else "check the upstream's logs (make logs) or raise SO8T_WAIT_TIMEOUT"
+            )
+            log.error(
+                "%s gave up waiting after %s: %s; %s",
+                job.name,
+                format_duration(limit) if limit else "one look",
+                reason,
+                hint,
+            )
             return EX_TEMPFAIL
         code = run_commands(job.commands, forwarder)
         path = write_marker(stack_dir, job.name, pipeline_id, code, job.commands, started)

@@ -6,6 +6,7 @@
 
 The same adapter and gate files are in every checkpoint. Kept free of torch imports: the baker reads the names.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,8 +36,12 @@ def describe(base: str, base_sha: str | None, cfg, gate_layers: list[int], hidde
     return {
         "base_model": base,
         "base_model_sha256": base_sha,
-        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
-                 "target_modules": list(cfg.lora.target_modules)},
+        "lora": {
+            "r": cfg.lora.r,
+            "alpha": cfg.lora.alpha,
+            "dropout": cfg.lora.dropout,
+            "target_modules": list(cfg.lora.target_modules),
+        },
         "gates": {"layer_indices": gate_layers, "init_scale": cfg.gates.init_scale, "hidden_size": hidden_size},
         "quantization": cfg.model.quantization,
     }

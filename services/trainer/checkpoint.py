@@ -15,6 +15,7 @@ so a directory named ``checkpoint-<step>`` is complete unless the disk itself lo
 leftovers, sets aside checkpoints that fail verification (renamed ``checkpoint-<step>.corrupt``, with a log
 line) and resumes from the newest one that verifies.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,11 @@ class SavePolicy:
     last: float = field(default_factory=time.time)
 
     def due(self, step: int) -> bool:
-        return ((self.steps is not None and step % self.steps == 0) or step == self.total
-                or (self.seconds > 0 and time.time() - self.last >= self.seconds))
+        return (
+            (self.steps is not None and step % self.steps == 0)
+            or step == self.total
+            or (self.seconds > 0 and time.time() - self.last >= self.seconds)
+        )
 
     def saved(self) -> None:
         self.last = time.time()
@@ -90,8 +94,7 @@ def write(root: Path, step: int, fill: Callable[[Path], None]) -> Path:
         for p in sorted(tmp.iterdir()):
             if p.is_file():
                 files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        atomic.write_json(tmp / MARKER, {"format": FORMAT, "step": step, "files": files,
-                                         "written_at": utc_stamp()})
+        atomic.write_json(tmp / MARKER, {"format": FORMAT, "step": step, "files": files, "written_at": utc_stamp()})
     return target
 
 
@@ -194,4 +197,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def write_session(out_dir: Path, session: dict[str, Any]) -> None:
     session = dict(session, updated_at=utc_stamp())
     atomic.write_json(out_dir / SESSION, session)
-

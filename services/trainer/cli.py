@@ -4,6 +4,7 @@ Writes <output-dir>/final/ (adapter, so8t_gates.safetensors, manifest.json), <ou
 <output-dir>/tensorboard/ and <output-dir>/training_session.json. Runs as is under `torchrun` or
 `accelerate launch` (DDP, one process per GPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="train.jsonl written by `so8t dataset`")
     p.add_argument("--output-dir", required=True, help="run directory (checkpoints/, final/, tensorboard/)")
     flags.add(p, TrainConfig, OVERRIDES, overrides=True)
-    p.add_argument("--fresh", action="store_true",
-                   help="discard checkpoints and start over (default: resume from the newest good checkpoint)")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard checkpoints and start over (default: resume from the newest good checkpoint)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             m = result.metrics
             fl = m.get("final_losses", {})
-            print(f"trained {m['steps']} steps: lm {fl.get('lm')} pet {fl.get('pet')} ortho {fl.get('ortho')}; "
-                  f"final artifact in {result.output}")
+            print(
+                f"trained {m['steps']} steps: lm {fl.get('lm')} pet {fl.get('pet')} ortho {fl.get('ortho')}; "
+                f"final artifact in {result.output}"
+            )
     return 0

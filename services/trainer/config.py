@@ -1,4 +1,5 @@
 """Training profile (configs/train/<profile>.yaml), validated at load: unknown keys and bad values name the key."""
+
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -36,8 +37,10 @@ class LoraSection(StrictModel):
     def _known(cls, names: list[str]) -> list[str]:
         unknown = [n for n in names if n not in phi3.LORA_TARGETS]
         if unknown:
-            raise ValueError(f"unknown LoRA target module(s) {unknown}: Phi-3's linear layers are "
-                             f"{', '.join(phi3.LORA_TARGETS)} (it has no q/k/v/gate/up projections of its own)")
+            raise ValueError(
+                f"unknown LoRA target module(s) {unknown}: Phi-3's linear layers are "
+                f"{', '.join(phi3.LORA_TARGETS)} (it has no q/k/v/gate/up projections of its own)"
+            )
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate LoRA target modules in {names}")
         return names
@@ -70,11 +73,14 @@ class PetPhase(StrictModel):
 class PetSection(StrictModel):
     enabled: bool = True
     huber_delta: float = Field(0.0, ge=0)
-    phases: list[PetPhase] = Field(default_factory=lambda: [
-        PetPhase(name="exploration", fraction=0.2, weight=0.01),
-        PetPhase(name="transition", fraction=0.4, weight=0.05),
-        PetPhase(name="stabilisation", fraction=0.4, weight=0.1),
-    ], min_length=1)
+    phases: list[PetPhase] = Field(
+        default_factory=lambda: [
+            PetPhase(name="exploration", fraction=0.2, weight=0.01),
+            PetPhase(name="transition", fraction=0.4, weight=0.05),
+            PetPhase(name="stabilisation", fraction=0.4, weight=0.1),
+        ],
+        min_length=1,
+    )
 
     @field_validator("phases")
     @classmethod

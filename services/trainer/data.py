@@ -9,6 +9,7 @@ ids are exactly those of tokenising the whole text once (as llama.cpp and Ollama
 Order: epoch e visits the examples in a permutation seeded by (seed, e), `batch_size` at a time; micro-batch j
 of the endless stream is a pure function of j, so a resumed run continues at the saved stream position.
 """
+
 from __future__ import annotations
 
 import json
@@ -176,7 +177,7 @@ class Order:
 
     def micro_batch(self, j: int) -> list[int]:
         epoch, pos = divmod(j, self.per_epoch)
-        return self.permutation(epoch)[pos * self.batch_size:(pos + 1) * self.batch_size]
+        return self.permutation(epoch)[pos * self.batch_size : (pos + 1) * self.batch_size]
 
     def epoch_of(self, j: int) -> float:
         return j / self.per_epoch

@@ -1,6 +1,7 @@
 """DDP plumbing: the same command runs alone or under `torchrun` / `accelerate launch` (one process per GPU,
 gloo on the CPU). Rank 0 writes checkpoints, logs and the final artifact; decisions it makes (which checkpoint
 to resume, when to save) are broadcast so every rank agrees."""
+
 from __future__ import annotations
 
 import hashlib

@@ -8,6 +8,7 @@ would rotate the base branch only.
 
 Each gate is registered as ``self_attn.so8t_gate``, so it moves with the model and DDP synchronises it.
 """
+
 from __future__ import annotations
 
 import re
@@ -84,8 +85,9 @@ def attach_gates(
         if gates is not None:
             A = gates[i]
             if tuple(A.shape) != (hidden // BLOCK, BLOCK, BLOCK):
-                raise ValueError(f"gate of layer {i} has shape {tuple(A.shape)}, o_proj needs "
-                                 f"[{hidden // BLOCK}, {BLOCK}, {BLOCK}]")
+                raise ValueError(
+                    f"gate of layer {i} has shape {tuple(A.shape)}, o_proj needs [{hidden // BLOCK}, {BLOCK}, {BLOCK}]"
+                )
             with torch.no_grad():
                 gate.A.copy_(A.float())
         gate.to(_device(module.o_proj))
@@ -105,12 +107,11 @@ def precompute_rotations(gates: dict[int, SO8Gate]) -> torch.Tensor:
     if not gates:
         return torch.zeros(0, BLOCK, BLOCK)
     As = [g.A for g in gates.values()]
-    R = rotations(torch.cat(As)) if len({a.device for a in As}) == 1 else torch.cat(
-        [rotations(a) for a in As])
+    R = rotations(torch.cat(As)) if len({a.device for a in As}) == 1 else torch.cat([rotations(a) for a in As])
     start = 0
     for g in gates.values():
         k = g.A.shape[0]
-        g.use_rotation(R[start:start + k])
+        g.use_rotation(R[start : start + k])
         start += k
     return R
 

@@ -13,6 +13,7 @@ Exact resume: everything that decides the next update is in the checkpoint (adap
 scheduler, grad scaler, every rank's RNG states, the step and the stream position), and nothing about the
 trajectory depends on when checkpoints are taken.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -113,9 +114,18 @@ class Run:
         accum, world = cfg.train.grad_accum, self.dist.world
         total = data.total_steps(order.per_epoch, cfg.train.epochs, world, accum, cfg.train.max_steps)
         pet = PetSchedule(total, [Phase(p.name, p.fraction, p.weight) for p in cfg.pet.phases])
-        log.info("data: %d records (%d tokens, %d truncated, %d skipped) from %s; %d steps of %d×%d×%d sequences",
-                 len(ds.examples), ds.tokens, ds.truncated, ds.dropped, self.dataset, total, cfg.train.batch_size,
-                 accum, world)
+        log.info(
+            "data: %d records (%d tokens, %d truncated, %d skipped) from %s; %d steps of %d×%d×%d sequences",
+            len(ds.examples),
+            ds.tokens,
+            ds.truncated,
+            ds.dropped,
+            self.dataset,
+            total,
+            cfg.train.batch_size,
+            accum,
+            world,
+        )
 
         base_model = mdl.load_base(cfg.model, self.base, dev)
         peft = mdl.add_lora(base_model, cfg.lora, self.base, cfg.train.seed)
@@ -138,34 +148,71 @@ class Run:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             forward = DDP(forward, device_ids=[dev.index] if dev.type == "cuda" else None)
-        log.info("model: %s (%s, %s), LoRA r=%d α=%g on %s: %d params; gates on layers %s: %d params; device %s",
-                 self.base, cfg.model.quantization, str(amp_dtype).replace("torch.", ""), cfg.lora.r,
-                 cfg.lora.alpha, ",".join(cfg.lora.target_modules), sum(p.numel() for p in lora_params),
-                 sorted(gates) or "none", sum(p.numel() for p in gate_params), dev)
-        return State(tokenizer, ds, order, total, pet, peft, gates, base_model.config.hidden_size,
-                     lora_params + gate_params, optimizer, scheduler, amp_dtype, use_amp, scaler, forward)
+        log.info(
+            "model: %s (%s, %s), LoRA r=%d α=%g on %s: %d params; gates on layers %s: %d params; device %s",
+            self.base,
+            cfg.model.quantization,
+            str(amp_dtype).replace("torch.", ""),
+            cfg.lora.r,
+            cfg.lora.alpha,
+            ",".join(cfg.lora.target_modules),
+            sum(p.numel() for p in lora_params),
+            sorted(gates) or "none",
+            sum(p.numel() for p in gate_params),
+            dev,
+        )
+        return State(
+            tokenizer,
+            ds,
+            order,
+            total,
+            pet,
+            peft,
+            gates,
+            base_model.config.hidden_size,
+            lora_params + gate_params,
+            optimizer,
+            scheduler,
+            amp_dtype,
+            use_amp,
+            scaler,
+            forward,
+        )
 
     # --- checkpoints -----------------------------------------------------------------------------------------
 
-    def _state_json(self, s: State, step: int, position: int, last: dict[str, Any]) -> dict[str, Any]:
+    def _identity(self, s: State) -> dict[str, Any]:
+        """What a checkpoint must share with this run to be resumed by it."""
         return {
-            "step": step, "data_position": position, "total_steps": s.total,
-            "epoch": round(s.order.epoch_of(position), 4), "world_size": self.dist.world,
-            "training_digest": self.digest, "dataset_sha256": self.inputs["dataset"]["sha256"],
-            "base_model": self.base, "base_model_sha256": self.base_sha, "losses": last,
+            "training_digest": self.digest,
+            "dataset_sha256": self.inputs["dataset"]["sha256"],
+            "base_model": self.base,
+            "base_model_sha256": self.base_sha,
+            "world_size": self.dist.world,
+            "total_steps": s.total,
         }
+
+    def _state_json(self, s: State, step: int, position: int, last: dict[str, Any]) -> dict[str, Any]:
+        epoch = round(s.order.epoch_of(position), 4)
+        return {"step": step, "data_position": position, "epoch": epoch, **self._identity(s), "losses": last}
 
     def save_checkpoint(self, s: State, step: int, position: int, last: dict[str, Any]) -> Path | None:
         rngs = self.dist.gather(checkpoint.rng_state())
         path = None
         if self.dist.main:
+
             def fill(tmp: Path) -> None:
                 artifact.save_adapter(s.peft, tmp)
                 artifact.save_gate_file(tmp, gate_tensors(s.gates), s.hidden)
                 torch.save(s.optimizer.state_dict(), tmp / checkpoint.OPTIMIZER)
-                torch.save({"scheduler": s.scheduler.state_dict(),
-                            "scaler": s.scaler.state_dict() if s.scaler else None,
-                            "rng": rngs}, tmp / checkpoint.STATE_PT)
+                torch.save(
+                    {
+                        "scheduler": s.scheduler.state_dict(),
+                        "scaler": s.scaler.state_dict() if s.scaler else None,
+                        "rng": rngs,
+                    },
+                    tmp / checkpoint.STATE_PT,
+                )
                 atomic.write_json(tmp / checkpoint.STATE_JSON, self._state_json(s, step, position, last))
 
             path = checkpoint.write(self.ckpt_root, step, fill)
@@ -182,13 +229,13 @@ class Run:
             return Resumed(0, 0, None)
         path = Path(path)
         state = checkpoint.read_state(path)
-        expect = {"training_digest": self.digest, "dataset_sha256": self.inputs["dataset"]["sha256"],
-                  "base_model": self.base, "base_model_sha256": self.base_sha, "world_size": self.dist.world,
-                  "total_steps": s.total}
+        expect = self._identity(s)
         diff = [k for k, v in expect.items() if state.get(k) != v]
         if diff:
-            raise ResumeError(f"{path} belongs to another run (differs in {', '.join(diff)}); restore the original "
-                              f"settings or start over with --fresh")
+            raise ResumeError(
+                f"{path} belongs to another run (differs in {', '.join(diff)}); restore the original "
+                f"settings or start over with --fresh"
+            )
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -197,7 +244,9 @@ class Run:
         now = get_peft_model_state_dict(s.peft)
         bad = [k for k in saved if k not in now or not torch.equal(now[k].cpu(), saved[k])]
         if bad or set(now) != set(saved):
-            raise ResumeError(f"{path}: adapter tensors do not fit the model ({bad[:3] or sorted(set(now) ^ set(saved))[:3]})")
+            raise ResumeError(
+                f"{path}: adapter tensors do not fit the model ({bad[:3] or sorted(set(now) ^ set(saved))[:3]})"
+            )
         gates, _ = load_gates(path / artifact.GATES)
         if sorted(gates) != sorted(s.gates):
             raise ResumeError(f"{path}: gates cover layers {sorted(gates)}, the model has {sorted(s.gates)}")
@@ -210,8 +259,9 @@ class Run:
         if s.scaler is not None and extra.get("scaler"):
             s.scaler.load_state_dict(extra["scaler"])
         checkpoint.set_rng_state(extra["rng"][self.dist.rank])
-        log.info("resuming from %s: step %d/%d, data position %d", path.name, state["step"], s.total,
-                 state["data_position"])
+        log.info(
+            "resuming from %s: step %d/%d, data position %d", path.name, state["step"], s.total, state["data_position"]
+        )
         return Resumed(state["step"], state["data_position"], path.name)
 
     # --- the loop --------------------------------------------------------------------------------------------
@@ -224,7 +274,7 @@ class Run:
         reg = cfg.gates.orthogonal_reg if s.gates else 0.0
         window = [s.order.micro_batch(position + k) for k in range(accum * world)]
         targets = sum(s.data.examples[i].n_targets for mb in window for i in mb)
-        mine = window[self.dist.rank::world]
+        mine = window[self.dist.rank :: world]
         sums = torch.zeros(5, dtype=torch.float64)  # lm_sum, pet, ortho, correct, tokens
         pad = s.tokenizer.pad_token_id
         for k, idx in enumerate(mine):
@@ -236,8 +286,9 @@ class Run:
                     lm_sum, pet, ortho, correct = s.forward(ids, mask, labels)
                 loss = lm_sum * (world / targets) + (lam / accum) * pet + (reg / accum) * ortho
                 (s.scaler.scale(loss) if s.scaler else loss).backward()
-            sums += torch.tensor([lm_sum.item(), pet.item(), ortho.item(), correct.item(), mask.sum().item()],
-                                 dtype=torch.float64)
+            sums += torch.tensor(
+                [lm_sum.item(), pet.item(), ortho.item(), correct.item(), mask.sum().item()], dtype=torch.float64
+            )
         if s.scaler:
             s.scaler.unscale_(s.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(s.trainable, cfg.optim.max_grad_norm or float("inf")).item()
@@ -252,20 +303,41 @@ class Run:
         self.dist.sum_(sums)
         n = len(window)
         lm, pet_v, ortho_v = sums[0].item() / targets, sums[1].item() / n, sums[2].item() / n
-        return {"total": lm + lam * pet_v + reg * ortho_v, "lm": lm, "pet": pet_v, "ortho": ortho_v,
-                "lambda": lam, "phase": phase.name, "lr": lr, "grad_norm": grad_norm,
-                "accuracy": sums[3].item() / targets, "tokens": int(sums[4].item())}
+        return {
+            "total": lm + lam * pet_v + reg * ortho_v,
+            "lm": lm,
+            "pet": pet_v,
+            "ortho": ortho_v,
+            "lambda": lam,
+            "phase": phase.name,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "accuracy": sums[3].item() / targets,
+            "tokens": int(sums[4].item()),
+        }
 
     def loop(self, s: State, start: Resumed) -> dict[str, Any]:
         """Optimizer steps from `start` to the end; returns the last step's figures ({} if none was left)."""
         cfg, main = self.cfg, self.dist.main
-        session = Session(self.out, main, {
-            "status": "running", "total_steps": s.total, "resumed_from": start.name,
-            "last_checkpoint": start.name, "pid": os.getpid(), "world_size": self.dist.world,
-            "training_digest": self.digest, "dataset": self.inputs["dataset"], "base_model": self.base,
-            "session_started_at": manifest.utc_stamp(self.started)})
-        session.update(True, step=start.step, data_position=start.position,
-                       epoch=round(s.order.epoch_of(start.position), 4))
+        session = Session(
+            self.out,
+            main,
+            {
+                "status": "running",
+                "total_steps": s.total,
+                "resumed_from": start.name,
+                "last_checkpoint": start.name,
+                "pid": os.getpid(),
+                "world_size": self.dist.world,
+                "training_digest": self.digest,
+                "dataset": self.inputs["dataset"],
+                "base_model": self.base,
+                "session_started_at": manifest.utc_stamp(self.started),
+            },
+        )
+        session.update(
+            True, step=start.step, data_position=start.position, epoch=round(s.order.epoch_of(start.position), 4)
+        )
         sink = MetricsSink(cfg.logging, self.out, s.pet, start.step, s.total, main)
         policy = checkpoint.SavePolicy(cfg.checkpoint.save_steps, (cfg.checkpoint.save_minutes or 0) * 60, s.total)
         step, position, last = start.step, start.position, {}
@@ -283,8 +355,9 @@ class Run:
                 policy.saved()
                 session.state["last_checkpoint"] = saved.name if saved else None
                 checkpoint.fault(f"checkpoint-done:{step}")
-            session.update(due, step=step, data_position=position, epoch=round(s.order.epoch_of(position), 4),
-                           losses=dict(v))
+            session.update(
+                due, step=step, data_position=position, epoch=round(s.order.epoch_of(position), 4), losses=dict(v)
+            )
         sink.close()
         self.session = session
         return last
@@ -300,19 +373,26 @@ class Run:
             if not in_sync:
                 raise RuntimeError(f"DDP ranks ended with different weights: {prints}")
         metrics = {
-            "steps": s.total, "final_losses": {k: last.get(k) for k in ("total", "lm", "pet", "ortho")},
-            "final_token_accuracy": last.get("accuracy"), "records": len(s.data.examples),
+            "steps": s.total,
+            "final_losses": {k: last.get(k) for k in ("total", "lm", "pet", "ortho")},
+            "final_token_accuracy": last.get("accuracy"),
+            "records": len(s.data.examples),
             "tokens_per_epoch": s.data.tokens,
             "epochs": round(s.order.epoch_of(s.total * self.cfg.train.grad_accum * self.dist.world), 4),
-            "world_size": self.dist.world, "ddp_in_sync": in_sync,
+            "world_size": self.dist.world,
+            "ddp_in_sync": in_sync,
         }
         if self.dist.main:
+
             def fill(tmp: Path) -> stage.Built:
                 artifact.save_adapter(s.peft, tmp)
                 artifact.save_gate_file(tmp, gate_tensors(s.gates), s.hidden)
                 checkpoint.fault("final-write")
-                return stage.Built(metrics, dict(artifact.OUTPUTS),
-                                   artifact.describe(self.base, self.base_sha, self.cfg, sorted(s.gates), s.hidden))
+                return stage.Built(
+                    metrics,
+                    dict(artifact.OUTPUTS),
+                    artifact.describe(self.base, self.base_sha, self.cfg, sorted(s.gates), s.hidden),
+                )
 
             stage.publish(self.spec, fill, self.started)
             self.session.update(True, status="completed", step=s.total, final=str(self.final_dir))
@@ -344,8 +424,9 @@ def configure_determinism(cfg: TrainConfig) -> None:
             torch.backends.cudnn.benchmark = False
 
 
-def train(cfg: TrainConfig, dataset: str | Path, out_dir: str | Path, dist: Dist,
-          fresh: bool = False) -> stage.StageResult:
+def train(
+    cfg: TrainConfig, dataset: str | Path, out_dir: str | Path, dist: Dist, fresh: bool = False
+) -> stage.StageResult:
     """Train (or resume, or skip when the final artifact is up to date) and write `<out_dir>/final`."""
     out_dir, dataset = Path(out_dir), Path(dataset)
     if not dataset.is_file():

@@ -2,6 +2,7 @@
 
 Only the main process writes; the other ranks get a sink that does nothing.
 """
+
 from __future__ import annotations
 
 import time
@@ -13,14 +14,24 @@ from shared import logs
 from shared.pet import PetSchedule
 
 log = logs.get("trainer")
-_SCALARS = {"loss/total": "total", "loss/lm": "lm", "loss/pet": "pet", "loss/ortho": "ortho", "pet/lambda": "lambda",
-            "train/lr": "lr", "train/grad_norm": "grad_norm", "train/tokens_per_s": "tokens_per_s",
-            "train/token_accuracy": "accuracy"}
+_SCALARS = {
+    "loss/total": "total",
+    "loss/lm": "lm",
+    "loss/pet": "pet",
+    "loss/ortho": "ortho",
+    "pet/lambda": "lambda",
+    "train/lr": "lr",
+    "train/grad_norm": "grad_norm",
+    "train/tokens_per_s": "tokens_per_s",
+    "train/token_accuracy": "accuracy",
+}
 
 
 def fmt_losses(v: dict[str, Any]) -> str:
-    return (f"loss {v['total']:.4f} lm {v['lm']:.4f} pet {v['pet']:.4g} ortho {v['ortho']:.2e} "
-            f"λ {v['lambda']:g} ({v['phase']}) lr {v['lr']:.2e} gn {v['grad_norm']:.3f} {v['tokens_per_s']:.0f} tok/s")
+    return (
+        f"loss {v['total']:.4f} lm {v['lm']:.4f} pet {v['pet']:.4g} ortho {v['ortho']:.2e} "
+        f"λ {v['lambda']:g} ({v['phase']}) lr {v['lr']:.2e} gn {v['grad_norm']:.3f} {v['tokens_per_s']:.0f} tok/s"
+    )
 
 
 class MetricsSink:
@@ -51,8 +62,14 @@ class MetricsSink:
         if step % self.cfg.log_steps == 0 or step == self.total:
             rate = self.window_tokens / max(time.time() - self.window_start, 1e-9)
             self.window_tokens, self.window_start = 0, time.time()
-            log.info("step %d/%d %s acc %.3f (%.0f tok/s since last log)", step, self.total, fmt_losses(v),
-                     v["accuracy"], rate)
+            log.info(
+                "step %d/%d %s acc %.3f (%.0f tok/s since last log)",
+                step,
+                self.total,
+                fmt_losses(v),
+                v["accuracy"],
+                rate,
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -3,6 +3,7 @@ gradient checkpointing, and the optimizer.
 
 Hub downloads go to $HF_HOME (huggingface_hub honours it; the containers set HF_HOME=/data/hf_cache).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,12 +51,16 @@ def load_base(cfg: ModelSection, base: str, device: torch.device) -> nn.Module:
     if cfg.quantization == "8bit":
         quant = BitsAndBytesConfig(load_in_8bit=True)
     elif cfg.quantization == "4bit":
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype)
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
     device_map = {"": device.index if device.type == "cuda" else "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            base, dtype=dtype, quantization_config=quant, device_map=device_map,
+            base,
+            dtype=dtype,
+            quantization_config=quant,
+            device_map=device_map,
             attn_implementation=cfg.attn_implementation,
         )
     except (OSError, ValueError) as err:
@@ -67,7 +72,8 @@ def load_base(cfg: ModelSection, base: str, device: torch.device) -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                model,
+                use_gradient_checkpointing=cfg.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False},
             )
     elif cfg.gradient_checkpointing:
@@ -93,10 +99,17 @@ def add_lora(model: nn.Module, cfg: LoraSection, base: str, seed: int) -> nn.Mod
     present = linear_names(model)
     missing = [t for t in cfg.target_modules if t not in present]
     if missing:
-        raise ModelError(f"LoRA target module(s) {missing} not found in {base}; its decoder linear layers are "
-                         f"{sorted(present)}")
-    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
-                      bias="none", task_type="CAUSAL_LM")
+        raise ModelError(
+            f"LoRA target module(s) {missing} not found in {base}; its decoder linear layers are {sorted(present)}"
+        )
+    lcfg = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     torch.manual_seed(seed)  # LoRA A matrices are drawn from the global generator
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft reads transformers' deprecated checkpointing flag

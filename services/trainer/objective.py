@@ -3,6 +3,7 @@
 Wrapped as a module so DDP sees one forward. The LM head runs only on positions that carry a label (the
 assistant tokens), not on the whole sequence: same loss, a fraction of the [tokens x vocab] logits.
 """
+
 from __future__ import annotations
 
 import torch
