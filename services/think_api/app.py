@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -58,7 +58,7 @@ class ThinkRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**32)
 
     @model_validator(mode="after")
-    def _one_of_each(self) -> "ThinkRequest":
+    def _one_of_each(self) -> ThinkRequest:
         if (self.prompt is None) == (self.query is None):
             raise ValueError("give exactly one of 'prompt' or 'query'")
         if self.max_tokens is not None and self.max_new_tokens is not None:

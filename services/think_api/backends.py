@@ -5,7 +5,7 @@ and stops at the template's tokens, so all of them see exactly what the model wa
 whole reply (`generate`) or stream it as it is generated (`stream`: text pieces, then one Generation).
 """
 from services.think_api.fixed_backend import FixedOutputBackend
-from services.think_api.generation import Backend, BackendError, GenRequest, Generation, StreamItem
+from services.think_api.generation import Backend, BackendError, Generation, GenRequest, StreamItem
 from services.think_api.llamacpp_backend import LlamaCppBackend
 from services.think_api.ollama_backend import OllamaBackend
 

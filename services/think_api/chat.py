@@ -7,13 +7,22 @@ an error (HTTP 502, `code: withheld`, `x-should-retry: false`). `stream: true` i
 from __future__ import annotations
 
 import time
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from services.think_api import chat_stream, openapi
 from services.think_api.audit import AuditLog
-from services.think_api.chat_models import (AssistantMessage, ChatCompletion, ChatCompletionChunk,
-                                            ChatCompletionRequest, ChatErrorBody, Choice, ModelCard, ModelList)
+from services.think_api.chat_models import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatErrorBody,
+    Choice,
+    ModelCard,
+    ModelList,
+)
 from services.think_api.chat_shapes import finish_reason, so8t_info, usage, withheld_body
 from services.think_api.errors import ApiError, api_error_response
 from services.think_api.generation import Backend

@@ -107,7 +107,7 @@ class ChatCompletionRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _shape(self) -> "ChatCompletionRequest":
+    def _shape(self) -> ChatCompletionRequest:
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("give at most one of 'max_tokens' or 'max_completion_tokens'")
         if self.messages[-1].role != "user":

@@ -17,7 +17,8 @@ stops the generation and leaves a row with status `cancelled`.
 from __future__ import annotations
 
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 from fastapi.responses import Response, StreamingResponse
@@ -30,7 +31,7 @@ from services.think_api.audit import AuditLog
 from services.think_api.chat_models import ChatCompletionChunk, ChatError, ChatErrorBody, ChunkChoice, Delta
 from services.think_api.chat_shapes import finish_reason, so8t_info, usage
 from services.think_api.errors import ApiError, openai_type
-from services.think_api.generation import Backend, BackendError, GenRequest, Generation
+from services.think_api.generation import Backend, BackendError, Generation, GenRequest
 from services.think_api.pump import END, SILENCE, BackendPump
 from services.think_api.replies import backend_api_error, decision_fields, finish_row, log, usage_fields
 from services.think_api.serve_settings import ServeSettings
@@ -141,19 +142,21 @@ class _Stream:
 
 async def _events(pump: BackendPump, first: Any, st: _Stream, keepalive_s: float) -> AsyncIterator[str]:
     try:
-        item = first
+        item, last_sent = first, time.monotonic()
         while True:
-            if item is SILENCE:
-                yield KEEPALIVE
-            elif isinstance(item, str):
+            if isinstance(item, str):
                 text = st.gate.feed(item)
                 if st.gate.failure is not None:
                     break
                 if text:
                     yield st.chunks.content(text)
-            else:
+                    last_sent = time.monotonic()
+            elif item is not SILENCE:
                 break
-            item = await pump.get(keepalive_s)
+            if time.monotonic() - last_sent >= keepalive_s:  # the client has heard nothing for a while
+                yield KEEPALIVE
+                last_sent = time.monotonic()
+            item = await pump.get(last_sent + keepalive_s - time.monotonic())
         pump.stop()
         st.row["backend_ms"] = (time.perf_counter() - st.row["_t0"]) * 1000
         if st.gate.failure is not None:

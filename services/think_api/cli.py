@@ -1,4 +1,7 @@
-"""Serve the /think API: the final answer only, the thinking never, every request audited under DATA_DIR/audit."""
+"""Serve /think and the OpenAI-compatible /v1/chat/completions: the answer only, never the thinking, all audited.
+
+Every request is audited under DATA_DIR/audit; a backend that is down or misbehaves gives errors, not an exit.
+"""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-chars", type=int, default=8000, help="longest prompt in characters (8000)")
     p.add_argument("--n-ctx", type=int, default=4096, help="llamacpp: context window in tokens (4096)")
     p.add_argument("--threads", type=int, default=None, help="llamacpp: CPU threads (default: all)")
-    p.add_argument("--timeout", type=float, default=600.0, help="ollama: seconds allowed per generation (600)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="ollama: seconds allowed for each wait on the server (a whole reply, one streamed part) (600)")
+    p.add_argument("--keepalive", type=float, default=10.0,
+                   help="streams: seconds of silence (the model thinking) before a keep-alive comment (10)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     settings = validate(ServeSettings, {
         "format": args.format, "max_request_bytes": args.max_request_bytes, "max_prompt_chars": args.max_prompt_chars,
         "max_tokens_limit": args.max_tokens_limit, "api_key": os.environ.get(API_KEY_ENV) or None,
+        "stream_keepalive_s": args.keepalive,
     }, "command line")
     try:
         if args.backend == "llamacpp":
@@ -50,8 +57,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"so8t serve: {err}", file=sys.stderr)
         return 2
     audit = AuditLog(args.audit_db)
-    log.info("serving /think on http://%s:%d (backend %s, model %s, audit %s, API key %s)", args.host, args.port,
-             backend.name, backend.model, audit.path, "required" if settings.api_key else "not set")
+    log.info("serving /think and /v1/chat/completions on http://%s:%d (backend %s, model %s, audit %s, API key %s)",
+             args.host, args.port, backend.name, backend.model, audit.path,
+             "required" if settings.api_key else "not set")
+    ok, detail = backend.health()  # a backend that is not ready yet is not a reason to stop: it may come up later
+    if not ok:
+        log.warning("backend not ready (%s): /healthz answers 503 and requests fail until it is", detail)
     try:
         uvicorn.run(create_app(backend, audit, settings), host=args.host, port=args.port, log_level="info")
     finally:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
-from services.think_api.generation import GenRequest, Generation, StreamItem
+from services.think_api.generation import Generation, GenRequest, StreamItem
 
 
 class FixedOutputBackend:

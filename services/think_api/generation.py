@@ -1,8 +1,9 @@
 """What every backend of the think API takes and gives: a rendered prompt in, a reply (whole or streamed) out."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Union
+from typing import Protocol, Union
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from services.think_api.generation import BackendError, GenRequest, Generation, StreamItem
+from services.think_api.generation import BackendError, Generation, GenRequest, StreamItem
 from shared.think_format import STOP_TOKENS
 
 

@@ -7,9 +7,10 @@ when the server does.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
-from services.think_api.generation import BackendError, GenRequest, Generation, StreamItem
+from services.think_api.generation import BackendError, Generation, GenRequest, StreamItem
 from shared.think_format import STOP_TOKENS
 
 # A body the client cannot read: not JSON (ValueError), JSON of another shape (TypeError, AttributeError), fields
@@ -29,7 +30,7 @@ class OllamaBackend:
         self.model = model
         self.timeout = timeout
         self._client = ollama.Client(host=host, timeout=timeout)
-        self._probe = ollama.Client(host=host, timeout=probe_timeout)
+        self._probe = ollama.Client(host=host, timeout=min(probe_timeout, timeout))
         self.host = str(self._client._client.base_url)
 
     def _options(self, req: GenRequest) -> dict[str, Any]:
@@ -49,7 +50,8 @@ class OllamaBackend:
             yield
         except ollama.ResponseError as err:
             if err.status_code == 404:
-                raise BackendError("backend_model_not_found", 503, f"the Ollama server has no model {self.model}") from None
+                raise BackendError("backend_model_not_found", 503,
+                                   f"the Ollama server has no model {self.model}") from None
             status = f"HTTP {err.status_code}" if err.status_code > 0 else "an error in its stream"
             raise BackendError("backend_error", 502, f"Ollama answered {status} for model {self.model}") from None
         except httpx.TimeoutException:

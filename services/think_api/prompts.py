@@ -1,7 +1,7 @@
 """The model's prompt for a request: the /think system prompt, then the conversation, in the Phi-3.5 template."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from shared.think_format import Format, render_chat, system_prompt
 

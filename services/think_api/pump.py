@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from services.think_api.generation import Backend, GenRequest
 
@@ -50,7 +51,7 @@ class BackendPump:
     async def get(self, timeout: float) -> Any:
         """The next item (text, Generation, an exception, END), or SILENCE after `timeout` seconds."""
         try:
-            return await asyncio.wait_for(self._items.get(), timeout)
+            return await asyncio.wait_for(self._items.get(), max(timeout, 0.0))
         except asyncio.TimeoutError:
             return SILENCE
 

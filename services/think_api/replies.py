@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -15,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from services.think_api import gate
 from services.think_api.audit import AuditLog
 from services.think_api.errors import ApiError, api_error_response, error_response
-from services.think_api.generation import Backend, BackendError, GenRequest, Generation
+from services.think_api.generation import Backend, BackendError, Generation, GenRequest
 from shared import logs
 
 log = logs.get("think-api")
