@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ollama": ("services.ollama.cli", "Modelfile, import into an Ollama server, /think smoke test"),
     "serve": ("services.think_api.cli", "the /think HTTP API (Ollama or in-process llama.cpp backend)"),
     "audit": ("services.think_api.audit_cli", "verify the think-API audit log's hash chain"),
+    "eval": ("services.eval.cli", "evaluate models on dataset splits: /think format, label accuracy, gate, leaks"),
     "pipeline": ("services.pipeline.cli", "run the whole chain natively, skipping stages that are up to date"),
     "stack": ("services.stack.cli", "container wrapper: wait for the upstream manifest, then run one stage"),
     "tiny-model": ("services.tiny_model", "save a tiny random Phi-3 with a Phi-3 tokenizer (tests, demos, benches)"),

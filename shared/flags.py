@@ -203,11 +203,13 @@ def parse(model: type[M], args: argparse.Namespace, base: dict[str, Any] | None 
     return validate(model, data, "command line")
 
 
-def to_argv(opts: BaseModel, paths: Iterable[str] | None = None) -> list[str]:
-    """Flags that reproduce `opts` from the model's defaults (only the values that differ)."""
-    model = type(opts)
+def to_argv(opts: BaseModel, model: type[BaseModel] | None = None) -> list[str]:
+    """The flags of `model` (default: `opts`'s own) that reproduce `opts` on a command line whose parser has
+    `model`'s defaults: only the values that differ. `opts` may be a subclass carrying more fields (a profile's
+    section): those, and its own defaults, do not count."""
+    model = model or type(opts)
     argv: list[str] = []
-    for opt in _options(model, paths):
+    for opt in _options(model, None):
         value = getattr(opts, opt.path)
         default = _default(opt.field)
         if opt.sub is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import REPO, tiny_train_config, trainer_cmd, write_dataset
+from test_trainer import REPO, sft_records, tiny_train_config, trainer_cmd, write_dataset
 
 from services.trainer.artifact import GATES as GATES_FILE
 from shared.so8 import load_gates
@@ -37,6 +37,7 @@ SETTINGS = dict(
         "grad_accum": 2,
         "num_threads": 1,
         "deterministic": True,
+        "eval_steps": 3,  # validation on val.jsonl beside the train file: it must change nothing
     },
     lora={"dropout": 0.1},  # dropout draws from the RNG: its state must come back exactly
     checkpoint={"save_steps": 2, "keep": 2, "save_minutes": None},
@@ -76,6 +77,7 @@ def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 def setup(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("resume")
     ds = write_dataset(root / "train.jsonl")
+    write_dataset(root / "val.jsonl", sft_records(6)[::-1])
     cfg = tiny_train_config(root / "resume.yaml", **SETTINGS)
     ref = root / "reference"
     tb_cfg = tiny_train_config(root / "reference.yaml", **dict(SETTINGS, logging={"log_steps": 1, "tensorboard": True}))
@@ -88,6 +90,7 @@ def setup(tmp_path_factory, tiny_model_dir):
         "base": tiny_model_dir,
         "ref": _final_tensors(ref / "final"),
         "ref_dir": ref,
+        "ref_validation": json.loads((ref / "final" / "manifest.json").read_text())["metrics"]["validation"],
     }
 
 
@@ -124,6 +127,11 @@ def test_reference_run_writes_the_contract_artifact(setup):
     # the log counts updates from 1
     phases = {int(n): (float(lam), name) for n, lam, name in re.findall(r"step (\d+)/12 .*? λ ([\d.]+) \((\w+)\)", log)}
     assert sorted(phases) == list(range(1, 13))
+    val = m["metrics"]["validation"]
+    assert [h["step"] for h in val["history"]] == [3, 6, 9, 12] and val["last"] == val["history"][-1]
+    assert val["best"]["lm"] == min(h["lm"] for h in val["history"]) and val["records"] == 6
+    assert val["history"][-1]["lm"] < val["history"][0]["lm"]  # it trains on the same kind of text
+    assert len(re.findall(r"step \d+/12 validation: lm [\d.]+", log)) == 4
     assert [phases[n] for n in (3, 4, 8, 9)] == [
         (0.01, "exploration"),
         (0.05, "transition"),
@@ -181,6 +189,8 @@ def test_sigkill_at_any_instant_then_restart_ends_bitwise_equal(setup):
     # 5. the restart completes
     assert _run(cmd, root / "k5.log") == 0, (root / "k5.log").read_text()[-3000:]
     _assert_bitwise_equal(_final_tensors(out / "final"), setup["ref"])
+    # the validation history came back from the checkpoints: the same figures as the uninterrupted run's
+    assert json.loads((out / "final" / "manifest.json").read_text())["metrics"]["validation"] == setup["ref_validation"]
     assert any(kills), "no random kill hit a live process"
     session = json.loads((out / "training_session.json").read_text())
     assert session["status"] == "completed" and session["step"] == TOTAL
@@ -223,3 +233,12 @@ def test_checkpoint_from_another_config_is_not_resumed(setup, tmp_path):
     )
     assert r.returncode == 2 and "checkpoint-2 belongs to another run (differs in training_digest)" in r.stderr
     assert "--fresh" in r.stderr
+
+
+def test_validation_changes_nothing_about_the_trajectory(setup, tmp_path):
+    """The same run without validation ends with bitwise the same adapter and gates."""
+    cfg = tiny_train_config(tmp_path / "noval.yaml", **dict(SETTINGS, train={**SETTINGS["train"], "eval_steps": None}))
+    out = tmp_path / "noval"
+    assert _run(trainer_cmd(cfg, setup["ds"], out, setup["base"]), tmp_path / "noval.log") == 0
+    _assert_bitwise_equal(_final_tensors(out / "final"), setup["ref"])
+    assert json.loads((out / "final" / "manifest.json").read_text())["metrics"]["validation"] is None

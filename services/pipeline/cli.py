@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {name} {t:<8} {f}")
         else:
             print(f"  {name:<13} {path}")
+    report = Path(summary["artifacts"]["eval"]) / "report.md"
+    if report.is_file():
+        print(f"\n== eval ({report}) ==\n{report.read_text(encoding='utf-8')}")
     if "smoke" in summary:
         s = summary["smoke"]
         print(

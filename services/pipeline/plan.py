@@ -14,6 +14,7 @@ from pathlib import Path
 
 from services.converter.options import ConvertOptions
 from services.dataset.options import DatasetOptions
+from services.eval.options import EvalOptions
 from services.pipeline.config import PipelineConfig
 from shared import flags
 from shared.layout import Layout, ollama_tag
@@ -39,112 +40,45 @@ def base_model(cfg: PipelineConfig, layout: Layout) -> str:
     return str(layout.tiny_model) if cfg.train.base_model == TINY else cfg.train.base_model
 
 
+def _each(flag: str, values: list[str]) -> list[str]:
+    return [arg for v in values for arg in (flag, v)]
+
+
 def plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
     """Every stage of the chain, in order (the tiny model only while it is not built yet)."""
-    run, ds, d, t = layout.run(cfg.run_id), layout.dataset(cfg.dataset.id), cfg.dataset, cfg.train
-    base = base_model(cfg, layout)
+    run, ds, base = layout.run(cfg.run_id), layout.dataset(cfg.dataset.id), base_model(cfg, layout)
+    d, t, c, e, o = cfg.dataset, cfg.train, cfg.convert, cfg.eval, cfg.ollama
+    ggufs = {qtype: str(run.gguf_file(c.name, qtype)) for qtype in c.types}
+
+    dataset = [*_each("--input", d.inputs or [str(layout.input_glob)]), "--output", str(ds)]
+    dataset += flags.to_argv(d, DatasetOptions)
+    train = ["--config", t.config, "--dataset", str(ds / "train.jsonl"), "--output-dir", str(run.train)]
+    train += ["--base-model", base]
+    train += ["--max-steps", str(t.max_steps)] if t.max_steps else []
+    train += ["--seed", str(t.seed)] if t.seed is not None else []
+    bake = ["--trained", str(run.final), "--output", str(run.baked), *flags.to_argv(cfg.bake)]
+    convert = ["--model", str(run.baked), "--output-dir", str(run.gguf), "--name", c.name]
+    convert += flags.to_argv(c, ConvertOptions)
+    models = {"base": f"hf:{base}", "baked": f"hf:{run.baked}"} | {q: f"gguf:{f}" for q, f in ggufs.items()}
+    evaluate = _each("--split", [f"{split}={ds / f'{split}.jsonl'}" for split in e.splits])
+    evaluate += _each("--model", [f"{m}={models[m]}" for m in e.models if m in models])
+    evaluate += ["--output", str(run.eval), *flags.to_argv(e, EvalOptions)]
+    ollama = ["import", *_each("--gguf", list(ggufs.values())), "--model", o.model, "--run-dir", str(run.ollama)]
+    ollama += ["--format", d.format]
+    smoke = ["smoke", "--model", f"{o.model}:{ollama_tag(cfg.serve.gguf_type)}", "--output", str(run.ollama)]
+
     stages: list[Stage] = []
     if t.base_model == TINY and not (Path(base) / "config.json").is_file():
         stages.append(Stage("tiny-model", (_py("services.tiny_model", "--output", base),), None))
-    inputs = d.inputs or [str(layout.input_glob)]
-    stages.append(
-        Stage(
-            "dataset",
-            (
-                _py(
-                    "services.dataset",
-                    *sum((["--input", i] for i in inputs), []),
-                    "--output",
-                    str(ds),
-                    *flags.to_argv(d, DatasetOptions.model_fields),
-                ),
-            ),
-            ds,
-        )
-    )
-    train = [
-        "--config",
-        t.config,
-        "--dataset",
-        str(ds / "train.jsonl"),
-        "--output-dir",
-        str(run.train),
-        "--base-model",
-        base,
+    stages += [
+        Stage("dataset", (_py("services.dataset", *dataset),), ds),
+        Stage("train", (_py("services.trainer", *train),), run.final, ("dataset",)),
+        Stage("bake", (_py("services.baker", *bake),), run.baked, ("train",)),
+        Stage("convert", (_py("services.converter", *convert),), run.gguf, ("bake",)),
+        Stage("eval", (_py("services.eval", *evaluate),), run.eval, ("convert",)),
+        Stage("ollama-import", (_py("services.ollama", *ollama),), None, ("convert",), needs_ollama=True),
+        Stage("ollama-smoke", (_py("services.ollama", *smoke),), None, ("ollama-import",), needs_ollama=True),
     ]
-    train += ["--max-steps", str(t.max_steps)] if t.max_steps else []
-    train += ["--seed", str(t.seed)] if t.seed is not None else []
-    stages.append(Stage("train", (_py("services.trainer", *train),), run.final, ("dataset",)))
-    stages.append(
-        Stage(
-            "bake",
-            (_py("services.baker", "--trained", str(run.final), "--output", str(run.baked), *flags.to_argv(cfg.bake)),),
-            run.baked,
-            ("train",),
-        )
-    )
-    c = cfg.convert
-    stages.append(
-        Stage(
-            "convert",
-            (
-                _py(
-                    "services.converter",
-                    "--model",
-                    str(run.baked),
-                    "--output-dir",
-                    str(run.gguf),
-                    "--name",
-                    c.name,
-                    *flags.to_argv(c, ConvertOptions.model_fields),
-                ),
-            ),
-            run.gguf,
-            ("bake",),
-        )
-    )
-    o = cfg.ollama
-    ggufs = [str(run.gguf_file(c.name, qtype)) for qtype in c.types]
-    stages.append(
-        Stage(
-            "ollama-import",
-            (
-                _py(
-                    "services.ollama",
-                    "import",
-                    "--gguf",
-                    *ggufs,
-                    "--model",
-                    o.model,
-                    "--run-dir",
-                    str(run.ollama),
-                    "--format",
-                    d.format,
-                ),
-            ),
-            None,
-            ("convert",),
-            needs_ollama=True,
-        )
-    )
-    stages.append(
-        Stage(
-            "ollama-smoke",
-            (
-                _py(
-                    "services.ollama",
-                    "smoke",
-                    "--model",
-                    f"{o.model}:{ollama_tag(cfg.serve.gguf_type)}",
-                    "--output",
-                    str(run.ollama),
-                ),
-            ),
-            None,
-            ("ollama-import",),
-            needs_ollama=True,
-        )
-    )
     return stages
 
 

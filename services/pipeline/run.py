@@ -219,6 +219,7 @@ def run(cfg: PipelineConfig, layout: Layout, smoke: Callable[[PipelineConfig, La
             "train": str(run_dir.final),
             "baked": str(run_dir.baked),
             "gguf": {t: str(run_dir.gguf_file(cfg.convert.name, t)) for t in cfg.convert.types},
+            "eval": str(run_dir.eval),
         },
     }
     if smoke is not None:

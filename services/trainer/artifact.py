@@ -9,8 +9,11 @@ The same adapter and gate files are in every checkpoint. Kept free of torch impo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
+
+from shared import atomic
 
 STAGE = "train"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -20,9 +23,17 @@ OUTPUTS = {"adapter": ADAPTER_WEIGHTS, "adapter_config": ADAPTER_CONFIG, "gates"
 
 
 def save_adapter(peft_model, directory: Path) -> None:
-    """adapter_config.json + adapter_model.safetensors (PEFT's save, without its generated model card)."""
+    """adapter_config.json + adapter_model.safetensors (PEFT's save, without its generated model card).
+
+    PEFT writes target_modules from a set, in the process's string-hash order: sorted here, so the same training
+    gives the same bytes in every process."""
     peft_model.save_pretrained(str(directory), safe_serialization=True)
     (directory / "README.md").unlink(missing_ok=True)
+    config_path = directory / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        atomic.write_json(config_path, config)
 
 
 def save_gate_file(directory: Path, gates: dict, hidden_size: int) -> None:

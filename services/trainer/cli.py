@@ -20,6 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="training profile YAML (configs/train/{full,fast,tiny}.yaml)")
     p.add_argument("--dataset", required=True, help="train.jsonl written by `so8t dataset`")
     p.add_argument("--output-dir", required=True, help="run directory (checkpoints/, final/, tensorboard/)")
+    p.add_argument(
+        "--val-dataset",
+        default=None,
+        help="val.jsonl for train.eval_steps (default: the val.jsonl beside --dataset, if any)",
+    )
     flags.add(p, TrainConfig, OVERRIDES, overrides=True)
     p.add_argument(
         "--fresh",
@@ -41,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     dist = distributed.setup()
     try:
-        result = train(cfg, args.dataset, args.output_dir, dist, fresh=args.fresh)
+        result = train(cfg, args.dataset, args.output_dir, dist, fresh=args.fresh, val_dataset=args.val_dataset)
     finally:
         dist.close()
     if dist.main:

@@ -114,6 +114,10 @@ class TrainSection(StrictModel):
     # bitwise reproducible (torch deterministic algorithms; CPU: MKL strict mode, fixed thread count)
     deterministic: bool = False
     num_threads: int | None = Field(None, gt=0)  # torch intra-op threads on the CPU (None: torch's default)
+    # validation: mean LM loss on the assistant tokens of val.jsonl every eval_steps steps and at the end (null:
+    # none), on its first eval_max_records records (a seeded sample; null: all). It changes no weight.
+    eval_steps: int | None = Field(None, gt=0)
+    eval_max_records: int | None = Field(None, gt=0)
 
 
 class CheckpointSection(StrictModel):
@@ -149,4 +153,6 @@ class TrainConfig(StrictModel):
         Checkpoints from a run with another digest are not resumed; a final artifact with the same digest and
         dataset is up to date.
         """
-        return self.digest(exclude={"checkpoint": True, "logging": True, "train": {"num_threads"}})
+        return self.digest(
+            exclude={"checkpoint": True, "logging": True, "train": {"num_threads", "eval_steps", "eval_max_records"}}
+        )

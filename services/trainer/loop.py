@@ -32,6 +32,7 @@ from services.trainer.distributed import Dist, fingerprint
 from services.trainer.gates import attach_gates, clear_rotations, gate_tensors
 from services.trainer.metrics import MetricsSink
 from services.trainer.objective import Objective
+from services.trainer.validation import Validation
 from shared import atomic, logs, manifest, stage
 from shared.config import ConfigError
 from shared.errors import InputError
@@ -74,7 +75,9 @@ class State:
     amp_dtype: torch.dtype
     use_amp: bool
     scaler: torch.amp.GradScaler | None
-    forward: torch.nn.Module  # the Objective, DDP-wrapped when distributed
+    objective: Objective
+    forward: torch.nn.Module  # the objective, DDP-wrapped when distributed
+    validation: Validation | None  # train.eval_steps on val.jsonl
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,15 @@ class Resumed:
     step: int
     position: int  # micro-batch index of the data stream
     name: str | None  # the checkpoint resumed from
+    validation: tuple = ()  # the validation history up to that checkpoint
 
 
 class Run:
     """One training session (a fresh start or a resume) of one process: build -> resume -> loop -> final."""
 
-    def __init__(self, cfg: TrainConfig, dataset: Path, out_dir: Path, dist: Dist):
+    def __init__(self, cfg: TrainConfig, dataset: Path, out_dir: Path, dist: Dist, val_dataset: Path | None = None):
         self.cfg, self.dataset, self.out, self.dist = cfg, dataset, out_dir, dist
+        self.val_dataset = val_dataset
         self.ckpt_root = out_dir / "checkpoints"
         self.final_dir = out_dir / "final"
         self.base = cfg.model.base_model
@@ -143,11 +148,23 @@ class Run:
         amp_dtype = mdl.compute_dtype(cfg.model, dev)
         use_amp = dev.type == "cuda" and amp_dtype != torch.float32
         scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
-        forward: torch.nn.Module = Objective(peft, gates, cfg.pet.enabled, cfg.pet.huber_delta)
+        objective = Objective(peft, gates, cfg.pet.enabled, cfg.pet.huber_delta)
+        forward: torch.nn.Module = objective
         if self.dist.active:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            forward = DDP(forward, device_ids=[dev.index] if dev.type == "cuda" else None)
+            forward = DDP(objective, device_ids=[dev.index] if dev.type == "cuda" else None)
+        validation = None
+        if cfg.train.eval_steps and self.val_dataset is not None:
+            val = data.load(self.val_dataset, tokenizer, cfg.train.seq_len, cfg.train.eval_max_records, cfg.train.seed)
+            validation = Validation(val, cfg.train.eval_steps, tokenizer.pad_token_id, dev)
+            log.info(
+                "validation: %d records (%d target tokens) of %s every %d steps",
+                len(val.examples),
+                sum(e.n_targets for e in val.examples),
+                self.val_dataset,
+                cfg.train.eval_steps,
+            )
         log.info(
             "model: %s (%s, %s), LoRA r=%d α=%g on %s: %d params; gates on layers %s: %d params; device %s",
             self.base,
@@ -176,7 +193,9 @@ class Run:
             amp_dtype,
             use_amp,
             scaler,
+            objective,
             forward,
+            validation,
         )
 
     # --- checkpoints -----------------------------------------------------------------------------------------
@@ -194,7 +213,15 @@ class Run:
 
     def _state_json(self, s: State, step: int, position: int, last: dict[str, Any]) -> dict[str, Any]:
         epoch = round(s.order.epoch_of(position), 4)
-        return {"step": step, "data_position": position, "epoch": epoch, **self._identity(s), "losses": last}
+        val = s.validation.history if s.validation else []
+        return {
+            "step": step,
+            "data_position": position,
+            "epoch": epoch,
+            **self._identity(s),
+            "losses": last,
+            "validation": val,
+        }
 
     def save_checkpoint(self, s: State, step: int, position: int, last: dict[str, Any]) -> Path | None:
         rngs = self.dist.gather(checkpoint.rng_state())
@@ -262,7 +289,7 @@ class Run:
         log.info(
             "resuming from %s: step %d/%d, data position %d", path.name, state["step"], s.total, state["data_position"]
         )
-        return Resumed(state["step"], state["data_position"], path.name)
+        return Resumed(state["step"], state["data_position"], path.name, tuple(state.get("validation") or ()))
 
     # --- the loop --------------------------------------------------------------------------------------------
 
@@ -341,6 +368,8 @@ class Run:
         sink = MetricsSink(cfg.logging, self.out, s.pet, start.step, s.total, main)
         policy = checkpoint.SavePolicy(cfg.checkpoint.save_steps, (cfg.checkpoint.save_minutes or 0) * 60, s.total)
         step, position, last = start.step, start.position, {}
+        if s.validation is not None:
+            s.validation.history = [dict(h) for h in start.validation]
         while step < s.total:
             t0 = time.time()
             v = self.step(s, step, position)
@@ -348,6 +377,8 @@ class Run:
             position += cfg.train.grad_accum * self.dist.world
             v.update(tokens_per_s=v["tokens"] / max(time.time() - t0, 1e-9), step=step)
             last = v
+            if s.validation is not None and s.validation.due(step, s.total):
+                v["val_lm"] = s.validation.run(s.objective, step)["lm"]
             sink.step(step, v)
             due = self.dist.broadcast(policy.due(step))
             if due:
@@ -381,6 +412,7 @@ class Run:
             "epochs": round(s.order.epoch_of(s.total * self.cfg.train.grad_accum * self.dist.world), 4),
             "world_size": self.dist.world,
             "ddp_in_sync": in_sync,
+            "validation": s.validation.summary() if s.validation else None,
         }
         if self.dist.main:
 
@@ -425,13 +457,26 @@ def configure_determinism(cfg: TrainConfig) -> None:
 
 
 def train(
-    cfg: TrainConfig, dataset: str | Path, out_dir: str | Path, dist: Dist, fresh: bool = False
+    cfg: TrainConfig,
+    dataset: str | Path,
+    out_dir: str | Path,
+    dist: Dist,
+    fresh: bool = False,
+    val_dataset: str | Path | None = None,
 ) -> stage.StageResult:
-    """Train (or resume, or skip when the final artifact is up to date) and write `<out_dir>/final`."""
+    """Train (or resume, or skip when the final artifact is up to date) and write `<out_dir>/final`.
+
+    Validation (train.eval_steps) reads `val_dataset`, by default the val.jsonl beside `dataset` when there is one.
+    """
     out_dir, dataset = Path(out_dir), Path(dataset)
     if not dataset.is_file():
         raise data.DataError(f"{dataset}: dataset file not found")
-    run = Run(cfg, dataset, out_dir, dist)
+    val = Path(val_dataset) if val_dataset else dataset.with_name("val.jsonl")
+    if val_dataset and not val.is_file():
+        raise data.DataError(f"{val}: validation file not found")
+    if cfg.train.eval_steps and not val.is_file():
+        log.warning("train.eval_steps is set but there is no %s: training without validation", val)
+    run = Run(cfg, dataset, out_dir, dist, val if val.is_file() else None)
     if not fresh and (done := run.spec.current()) is not None:
         log.info("%s is up to date (same config, dataset and base model): skipped; --fresh retrains", run.final_dir)
         return done

@@ -59,6 +59,10 @@ class MetricsSink:
             for tag, key in _SCALARS.items():
                 self.writer.add_scalar(tag, v[key], step)
             self.writer.add_scalar("pet/phase", self.pet.phase_index(step - 1), step)
+            if "val_lm" in v:
+                self.writer.add_scalar("val/lm_loss", v["val_lm"], step)
+        if "val_lm" in v:
+            log.info("step %d/%d validation: lm %.4f (train lm %.4f)", step, self.total, v["val_lm"], v["lm"])
         if step % self.cfg.log_steps == 0 or step == self.total:
             rate = self.window_tokens / max(time.time() - self.window_start, 1e-9)
             self.window_tokens, self.window_start = 0, time.time()

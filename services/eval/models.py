@@ -1,0 +1,153 @@
+"""The models an evaluation asks, and one greedy generator per kind.
+
+A model spec is `NAME=KIND:WHERE` (`base=hf:/data/models/tiny`, `Q4_K_M=gguf:/data/runs/x/gguf/m-Q4_K_M.gguf`,
+`served=ollama:so8t:q4_k_m`); without `KIND:` a directory is `hf` and a `.gguf` file is `gguf`, and without `NAME=`
+the name is the file's stem. Every generator decodes greedily from the Phi-3.5 chat rendering of the record's system
+and user turns and stops at a chat-template stop token.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from shared.errors import InputError
+from shared.think_format import STOP_TOKENS
+
+Kind = Literal["hf", "gguf", "ollama"]
+KINDS: tuple[Kind, ...] = ("hf", "gguf", "ollama")
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # the report's label (and transcripts-<name>.jsonl)
+    kind: Kind
+    where: str  # directory or hub id, GGUF file, Ollama tag
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        name, sep, rest = text.partition("=")
+        if not sep:
+            name, rest = "", text
+        kind, sep, where = rest.partition(":")
+        if not sep or kind not in KINDS:
+            kind, where = ("gguf" if rest.endswith(".gguf") else "hf"), rest
+            if not Path(where).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", where):
+                raise InputError(
+                    f"--model {text!r}: {where} is not a directory, a .gguf file or a hub id; "
+                    f"write NAME=KIND:WHERE with KIND one of {', '.join(KINDS)}"
+                )
+        name = name or Path(where).stem or where
+        if not _NAME.fullmatch(name):
+            raise InputError(f"--model {text!r}: the name {name!r} may use letters, digits, '.', '_' and '-'")
+        if kind == "gguf" and not Path(where).is_file():
+            raise InputError(f"--model {text!r}: {where}: GGUF file not found")
+        return cls(name, kind, where)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.kind}:{self.where}"
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    tokens: int
+    seconds: float
+
+
+class Generator(Protocol):
+    def generate(self, prompt: str, max_tokens: int) -> Reply: ...
+
+    def close(self) -> None: ...
+
+
+class HFGenerator:
+    """A Hugging Face directory or hub id through transformers, float32 on the CPU (bfloat16 on CUDA)."""
+
+    def __init__(self, where: str, threads: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.tok = AutoTokenizer.from_pretrained(where)
+        self.model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype).to(self.device).eval()
+        self.stops = [i for i in (self.tok.convert_tokens_to_ids(t) for t in STOP_TOKENS) if isinstance(i, int)]
+
+    def generate(self, prompt: str, max_tokens: int) -> Reply:
+        ids = self.tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
+        t0 = time.time()
+        with self.torch.inference_mode():
+            out = self.model.generate(
+                ids,
+                attention_mask=self.torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=self.stops,
+                pad_token_id=self.stops[-1],
+            )
+        new = out[0, ids.shape[1] :].tolist()
+        new = new[: next((i for i, t in enumerate(new) if t in self.stops), len(new))]
+        return Reply(self.tok.decode(new), len(new), time.time() - t0)
+
+    def close(self) -> None:
+        del self.model
+
+
+class GGUFGenerator:
+    """A GGUF file through llama.cpp (the pinned llama-cpp-python), greedy."""
+
+    def __init__(self, path: str, n_ctx: int, threads: int | None = None):
+        from services.converter import llama
+
+        self.llama = llama
+        self.llm = llama.open_model(path, n_ctx=n_ctx, threads=threads, logits_all=False)
+        self.stops = [self.llm.tokenize(t.encode(), add_bos=False, special=True)[0] for t in STOP_TOKENS]
+
+    def generate(self, prompt: str, max_tokens: int) -> Reply:
+        ids = self.llama.tokenize(self.llm, prompt)
+        t0 = time.time()
+        new = self.llama.greedy(self.llm, ids, min(max_tokens, self.llm.n_ctx() - len(ids)), self.stops)
+        return Reply(self.llama.detokenize(self.llm, new), len(new), time.time() - t0)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class OllamaGenerator:
+    """A model on an Ollama server ($OLLAMA_HOST), the raw prompt at temperature 0 with a fixed seed."""
+
+    def __init__(self, tag: str, seed: int, timeout: float = 600.0):
+        from services.ollama import importer
+
+        self.client, self.tag, self.seed = importer.client(timeout=timeout), tag, seed
+        self.client.show(tag)  # fails here, naming the tag, when the server does not have it
+
+    def generate(self, prompt: str, max_tokens: int) -> Reply:
+        t0 = time.time()
+        r = self.client.generate(
+            model=self.tag,
+            prompt=prompt,
+            raw=True,
+            stream=False,
+            options={"temperature": 0, "seed": self.seed, "num_predict": max_tokens, "stop": list(STOP_TOKENS)},
+        )
+        return Reply(r.response, int(r.eval_count or 0), time.time() - t0)
+
+    def close(self) -> None:
+        pass
+
+
+def open_generator(spec: ModelSpec, n_ctx: int, seed: int, threads: int | None) -> Generator:
+    if spec.kind == "hf":
+        return HFGenerator(spec.where, threads)
+    if spec.kind == "gguf":
+        return GGUFGenerator(spec.where, n_ctx, threads)
+    return OllamaGenerator(spec.where, seed)

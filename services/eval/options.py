@@ -1,0 +1,21 @@
+"""The eval stage's options, declared once (CLI flags and the pipeline profile's `eval:` come from here)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.config import StrictModel
+
+
+class EvalOptions(StrictModel):
+    max_tokens: int = Field(256, ge=8, le=4096, description="longest reply, in tokens (greedy decoding)")
+    max_records: dict[str, int] = Field(
+        default_factory=dict,
+        description="records per split at most, a seeded sample (e.g. train=24); a split left out is used whole",
+        json_schema_extra={"key": "SPLIT"},
+    )
+    seed: int = Field(0, description="seed of the samples and of the generation")
+    n_ctx: int = Field(2048, ge=256, le=4096, description="llama.cpp context (prompt + reply)")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for llama.cpp and torch (default: all); changes no output"
+    )
