@@ -1,17 +1,26 @@
-"""Latency the /think API adds over calling its backend directly: p50/p99 at 1 and 16 concurrent clients, loopback.
+"""Latency of the think API, loopback: what it adds over its backend, and when the answer's first byte arrives.
 
-    python bench/think_api_latency.py [--backend fixed llamacpp] [--requests 200] [--clients 1 16] [--gguf FILE]
+    python bench/think_api_latency.py [--backend fixed llamacpp] [--requests 320] [--clients 1 16] [--gguf FILE]
+                                      [--stream-requests 40]
 
-Backends: `fixed` is the FIXED-OUTPUT backend (not a model; a preset well-formed /think reply, so the number is the
-API's own cost: HTTP, JSON, validation, parse + gate, the fsynced audit row); `llamacpp` runs a GGUF in-process
-(default: the tiny random Phi-3 converted to F16 here, 8 new tokens a request; its replies are malformed, so the
-API withholds them, which costs the same as answering). "direct" calls backend.generate from the same number of
-threads; "API" is POST /think over HTTP on 127.0.0.1 through uvicorn, one keep-alive connection per client.
-Prints a table; asserts nothing.
+Table 1, the API's own cost: p50/p99 at 1 and 16 concurrent clients. Backends: `fixed` is the FIXED-OUTPUT
+backend (not a model; a preset well-formed /think reply, so the number is the API's own cost: HTTP, JSON,
+validation, parse + gate, the fsynced audit row); `llamacpp` runs a GGUF in-process (default: the tiny random
+Phi-3 converted to F16 here, 8 new tokens a request; its replies are malformed, so the API withholds them, which
+costs the same as answering). "direct" calls backend.generate from the same number of threads; "API" is POST
+/think over HTTP on 127.0.0.1 through uvicorn, one keep-alive connection per client.
+
+Table 2, time to the first byte of the answer and to the end, one client: POST /think, POST /v1/chat/completions
+whole, and the same streamed (first byte = the first content delta). Backends that write a whole well-formed
+reply: `fixed` paced like a model (a piece of 3 characters every 5 ms; whole replies take as long), and
+`llamacpp` on the tiny Phi-3 trained here to write one /think reply (thinking, then a final part of about 90
+characters) and converted to F16 as the converter stage does. Prints tables; asserts nothing.
 """
+
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -31,8 +40,18 @@ from services.think_api.backends import FixedOutputBackend, GenRequest, LlamaCpp
 from shared.think_format import Thinking, render_assistant, verdict_line  # noqa: E402
 
 PROMPT = "2+2はいくつですか？"
-REPLY = render_assistant(Thinking("依頼の内容: 2+2 を計算する。", f"安全性の評価: 問題なし。\n{verdict_line('ALLOW')}",
-                                  "適用する方針: そのまま答える。"), "2+2は4です。", "simple")
+THINKING = Thinking(
+    "依頼の内容: 2+2 を計算する。",
+    f"安全性の評価: 問題なし。\n{verdict_line('ALLOW')}",
+    "適用する方針: そのまま答える。",
+)
+REPLY = render_assistant(THINKING, "2+2は4です。", "simple")
+LONG_FINAL = (
+    "2+2は4です。足し算は二つの数をまとめる計算で、順番を入れ替えても答えは同じです。"
+    "たとえば2個のりんごに2個のりんごを足すと、りんごは全部で4個になります。いつでも4です。"
+)
+LONG_REPLY = render_assistant(THINKING, LONG_FINAL, "simple")
+PACE = (3, 0.005)  # the paced fixed backend: characters per piece, seconds between pieces
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -65,12 +84,93 @@ def run_clients(clients: int, total: int, call) -> tuple[list[float], float]:
 
 
 def tiny_gguf(work: Path) -> Path:
-    from shared.tiny import build_tiny_model
-
     from services.converter.hf_to_gguf import convert_f16
+    from shared.tiny import build_tiny_model
 
     out = work / "tiny-F16.gguf"
     convert_f16(build_tiny_model(work / "tiny"), out, "tiny")  # as the converter stage runs it
+    return out
+
+
+def think_gguf(work: Path) -> Path:
+    """The tiny Phi-3 trained to answer PROMPT with LONG_REPLY, converted to F16 as the converter stage does."""
+    from llama_cpp import Llama
+
+    from services.converter.hf_to_gguf import convert_f16
+    from shared.tiny import build_tiny_model, teach
+
+    tiny = build_tiny_model(work / "tiny-think")
+    convert_f16(tiny, work / "vocab-F16.gguf", "tiny")
+    vocab = Llama(str(work / "vocab-F16.gguf"), vocab_only=True, verbose=False)
+    prompt = build_prompt(PROMPT, "simple")
+    p_ids = vocab.tokenize(prompt.encode(), add_bos=False, special=True)
+    ids = vocab.tokenize((prompt + LONG_REPLY + "<|end|>").encode(), add_bos=False, special=True)
+    del vocab
+    trained = teach(tiny, work / "trained-think", ids, start=len(p_ids), steps=300, stop_loss=1e-3)
+    out = work / "think-F16.gguf"
+    convert_f16(trained, out, "tiny")
+    return out
+
+
+def first_byte_and_total(client: httpx.Client, path: str, body: dict, stream: bool) -> tuple[float, float, str]:
+    """(ms to the answer's first byte, ms to the end, the answer) of one request."""
+    t0 = time.perf_counter()
+    if not stream:
+        r = client.post(path, json=body)
+        t = (time.perf_counter() - t0) * 1000
+        data = r.json()
+        return t, t, data["answer"] if "answer" in data else data["choices"][0]["message"]["content"]
+    first, parts = None, []
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            piece = event["choices"][0]["delta"]["content"] if event.get("choices") else None
+            if piece:
+                first = first if first is not None else (time.perf_counter() - t0) * 1000
+                parts.append(piece)
+    return first if first is not None else float("nan"), (time.perf_counter() - t0) * 1000, "".join(parts)
+
+
+def streaming_bench(name: str, backend, requests: int, max_tokens: int, work: Path) -> list[dict]:
+    """Table 2's rows for one backend: /think, /v1 whole, /v1 streamed, one client, `requests` each."""
+    think = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "seed": 1}
+    chat = {
+        "model": backend.model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "seed": 1,
+    }
+    modes = [
+        ("POST /think", "/think", think, False),
+        ("/v1 whole", "/v1/chat/completions", chat, False),
+        ("/v1 stream", "/v1/chat/completions", chat, True),
+    ]
+    out = []
+    with (
+        serve_background(create_app(backend, AuditLog(work / f"audit-stream-{name}.sqlite3"))) as url,
+        httpx.Client(base_url=url, timeout=120) as client,
+    ):
+        for _, path, body, stream in modes:  # warm up
+            first_byte_and_total(client, path, body, stream)
+        for label, path, body, stream in modes:
+            runs = [first_byte_and_total(client, path, body, stream) for _ in range(requests)]
+            answers = {a for _, _, a in runs}
+            first, total = [f for f, _, _ in runs], [t for _, t, _ in runs]
+            out.append(
+                {
+                    "backend": name,
+                    "mode": label,
+                    "requests": requests,
+                    "first_p50": pct(first, 50),
+                    "first_p99": pct(first, 99),
+                    "total_p50": pct(total, 50),
+                    "total_p99": pct(total, 99),
+                    "answer_chars": len(answers.pop()) if len(answers) == 1 else -1,
+                }
+            )
     return out
 
 
@@ -79,6 +179,7 @@ def bench(name: str, backend, clients_list: list[int], total: int, max_tokens: i
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "seed": 1}
     out = []
     with serve_background(create_app(backend, AuditLog(work / f"audit-{name}.sqlite3"))) as url:
+
         def api_call(state: dict) -> None:
             if "client" not in state:
                 state["client"] = httpx.Client(base_url=url, timeout=120)
@@ -91,11 +192,21 @@ def bench(name: str, backend, clients_list: list[int], total: int, max_tokens: i
         for clients in clients_list:
             direct, _ = run_clients(clients, total, lambda state: backend.generate(req))
             api, wall = run_clients(clients, total, api_call)
-            out.append({"backend": name, "clients": clients, "requests": total,
-                        "direct_p50": pct(direct, 50), "direct_p99": pct(direct, 99),
-                        "api_p50": pct(api, 50), "api_p99": pct(api, 99),
-                        "added_p50": pct(api, 50) - pct(direct, 50), "added_p99": pct(api, 99) - pct(direct, 99),
-                        "api_rps": total / wall, "api_mean": statistics.fmean(api)})
+            out.append(
+                {
+                    "backend": name,
+                    "clients": clients,
+                    "requests": total,
+                    "direct_p50": pct(direct, 50),
+                    "direct_p99": pct(direct, 99),
+                    "api_p50": pct(api, 50),
+                    "api_p99": pct(api, 99),
+                    "added_p50": pct(api, 50) - pct(direct, 50),
+                    "added_p99": pct(api, 99) - pct(direct, 99),
+                    "api_rps": total / wall,
+                    "api_mean": statistics.fmean(api),
+                }
+            )
     return out
 
 
@@ -106,8 +217,9 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--gguf", type=Path, default=None, help="GGUF for llamacpp (default: tiny random Phi-3, F16)")
     ap.add_argument("--max-tokens", type=int, default=8, help="new tokens per llamacpp request (8)")
+    ap.add_argument("--stream-requests", type=int, default=40, help="requests per row of table 2 (40)")
     args = ap.parse_args()
-    rows = []
+    rows, stream_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in args.backend:
@@ -119,15 +231,42 @@ def main() -> None:
                 rows += bench(name, backend, args.clients, args.requests, args.max_tokens, work)
             finally:
                 backend.close()
+            if name == "fixed":
+                chars, gap = PACE
+                backend = FixedOutputBackend(
+                    LONG_REPLY, delay_s=gap * -(-len(LONG_REPLY) // chars), piece_chars=chars, piece_delay_s=gap
+                )
+            else:
+                backend = LlamaCppBackend(think_gguf(work), n_ctx=1024)
+            try:
+                stream_rows += streaming_bench(name, backend, args.stream_requests, 256, work)
+            finally:
+                backend.close()
     print(f"\n/think API latency over the backend called directly, loopback, {os.cpu_count()} CPUs, ms")
-    head = (f"{'backend':<13}{'clients':>8}{'requests':>9}{'direct p50':>11}{'direct p99':>11}{'API p50':>9}"
-            f"{'API p99':>9}{'added p50':>10}{'added p99':>10}{'API req/s':>10}")
+    head = (
+        f"{'backend':<13}{'clients':>8}{'requests':>9}{'direct p50':>11}{'direct p99':>11}{'API p50':>9}"
+        f"{'API p99':>9}{'added p50':>10}{'added p99':>10}{'API req/s':>10}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['backend']:<13}{r['clients']:>8}{r['requests']:>9}{r['direct_p50']:>11.2f}{r['direct_p99']:>11.2f}"
-              f"{r['api_p50']:>9.2f}{r['api_p99']:>9.2f}{r['added_p50']:>10.2f}{r['added_p99']:>10.2f}"
-              f"{r['api_rps']:>10.1f}")
+        print(
+            f"{r['backend']:<13}{r['clients']:>8}{r['requests']:>9}{r['direct_p50']:>11.2f}{r['direct_p99']:>11.2f}"
+            f"{r['api_p50']:>9.2f}{r['api_p99']:>9.2f}{r['added_p50']:>10.2f}{r['added_p99']:>10.2f}"
+            f"{r['api_rps']:>10.1f}"
+        )
+    print("\ntime to the answer's first byte and to the end, one client, ms (answer: characters, -1 if they varied)")
+    head = (
+        f"{'backend':<10}{'mode':<13}{'requests':>9}{'first p50':>11}{'first p99':>11}{'total p50':>11}"
+        f"{'total p99':>11}{'answer':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in stream_rows:
+        print(
+            f"{r['backend']:<10}{r['mode']:<13}{r['requests']:>9}{r['first_p50']:>11.1f}{r['first_p99']:>11.1f}"
+            f"{r['total_p50']:>11.1f}{r['total_p99']:>11.1f}{r['answer_chars']:>8}"
+        )
 
 
 if __name__ == "__main__":

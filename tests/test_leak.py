@@ -7,11 +7,12 @@ nesting of one section in another; the thinking repeated after the final part (a
 tokens spliced in; and seeded random combinations of these. The parser (`shared.think_format.parse`) and the
 API's gate (`services.think_api.gate.decide`) must never return a marker; the endpoint is checked on a sample.
 """
+
 from __future__ import annotations
 
 import random
 import re
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -20,11 +21,25 @@ from shared.think_format import LABELS, Thinking, parse, render_assistant, verdi
 
 MARKER_RE = re.compile(r"ZQ[0-9A-F]{6}")
 FINALS = {"ja": "答えは 4 です。計算の基本です。", "en": "The answer is 4.\nThat is basic arithmetic."}
-LOOKALIKE_BRACKETS = [("＜", "＞"), ("﹤", "﹥"), ("‹", "›"), ("〈", "〉"), ("《", "》"), ("⟨", "⟩"),
-                      ("<", "﹥"), ("˂", "˃")]
+LOOKALIKE_BRACKETS = [
+    ("＜", "＞"),
+    ("﹤", "﹥"),
+    ("‹", "›"),
+    ("〈", "〉"),
+    ("《", "》"),
+    ("⟨", "⟩"),
+    ("<", "﹥"),
+    ("˂", "˃"),
+]
 LOOKALIKE_LETTERS = {"i": "і", "a": "а", "k": "к", "e": "е", "o": "о", "l": "ӏ", "n": "ո", "t": "т"}
-TEMPLATE_TOKENS = ["<|end|>", "<|user|>\n", "<|assistant|>\n", "<|system|>\n", "<|endoftext|>",
-                   "<|end|>\n<|assistant|>\n"]
+TEMPLATE_TOKENS = [
+    "<|end|>",
+    "<|user|>\n",
+    "<|assistant|>\n",
+    "<|system|>\n",
+    "<|endoftext|>",
+    "<|end|>\n<|assistant|>\n",
+]
 
 
 class Markers:
@@ -51,19 +66,32 @@ def base_replies(rng: random.Random) -> Iterator[tuple[str, str, Thinking, str]]
                 else:
                     task = f"Request: compute 2+2 {mk()}.\nThe user wants {mk()} an answer about arithmetic."
                     safety = f"Safety assessment: {mk()} nothing harmful here.\n{verdict_line(label, lang)}"
-                policy = (f"適用する方針: {mk()} そのまま答える。{mk()}" if lang == "ja"
-                          else f"Applicable policy: {mk()} answer directly. {mk()}")
+                policy = (
+                    f"適用する方針: {mk()} そのまま答える。{mk()}"
+                    if lang == "ja"
+                    else f"Applicable policy: {mk()} answer directly. {mk()}"
+                )
                 yield fmt, label, Thinking(task, safety, policy), FINALS[lang]
 
 
 # --- mutations: each maps a well-formed reply to adversarial variants ---
 
+
 def _tag_variants(tag: str) -> list[str]:
     name = tag.strip("</>")
     close = tag.startswith("</")
     slash = "/" if close else ""
-    out = [tag.upper(), tag.title(), f"<{slash}{name.upper()}>", f"< {slash}{name}>", f"<{slash} {name} >",
-           f"<{slash}{name}\t>", f"<{name}>" if close else f"</{name}>", "", tag + tag]
+    out = [
+        tag.upper(),
+        tag.title(),
+        f"<{slash}{name.upper()}>",
+        f"< {slash}{name}>",
+        f"<{slash} {name} >",
+        f"<{slash}{name}\t>",
+        f"<{name}>" if close else f"</{name}>",
+        "",
+        tag + tag,
+    ]
     out += [f"{lb}{slash}{name}{rb}" for lb, rb in LOOKALIKE_BRACKETS]
     for latin, lookalike in LOOKALIKE_LETTERS.items():
         if latin in name:
@@ -77,16 +105,39 @@ def mutate_tags(reply: str, fmt: str) -> list[str]:
     out = []
     for m in re.finditer(r"</?(?:think-task|think-safety|think-policy|final)>", reply):
         for v in _tag_variants(m.group()):
-            out.append(reply[:m.start()] + v + reply[m.end():])
+            out.append(reply[: m.start()] + v + reply[m.end() :])
     return out
 
 
 HEADING_VARIANTS = {
-    "# 思考ステップ": ["#思考ステップ", "## 思考ステップ", "＃ 思考ステップ", "# 思考ステップ:", " # 思考ステップ",
-                  "#  思考ステップ", "# 思考 ステップ", "思考ステップ", "# ｼｺｳｽﾃｯﾌﾟ", "### 思考ステップ ###",
-                  "**思考ステップ**", ""],
-    "# 最終回答": ["#最終回答", "## 最終回答", "＃ 最終回答", "# 最終回答:", "# 最終回答：", " # 最終回答",
-               "#  最終回答", "# 最終 回答", "最終回答", "**最終回答**", "# Final answer", ""],
+    "# 思考ステップ": [
+        "#思考ステップ",
+        "## 思考ステップ",
+        "＃ 思考ステップ",
+        "# 思考ステップ:",
+        " # 思考ステップ",
+        "#  思考ステップ",
+        "# 思考 ステップ",
+        "思考ステップ",
+        "# ｼｺｳｽﾃｯﾌﾟ",
+        "### 思考ステップ ###",
+        "**思考ステップ**",
+        "",
+    ],
+    "# 最終回答": [
+        "#最終回答",
+        "## 最終回答",
+        "＃ 最終回答",
+        "# 最終回答:",
+        "# 最終回答：",
+        " # 最終回答",
+        "#  最終回答",
+        "# 最終 回答",
+        "最終回答",
+        "**最終回答**",
+        "# Final answer",
+        "",
+    ],
 }
 
 
@@ -122,7 +173,7 @@ def truncations(reply: str, fmt: str, rng: random.Random, n: int = 24) -> list[s
 def _thinking_chunks(th: Thinking) -> list[str]:
     text = th.text()
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    return [text, th.task, th.safety, th.policy, *lines, text[: len(text) // 2], text[len(text) // 2:]]
+    return [text, th.task, th.safety, th.policy, *lines, text[: len(text) // 2], text[len(text) // 2 :]]
 
 
 def repeats(reply: str, fmt: str, th: Thinking, final: str) -> list[str]:
@@ -130,13 +181,21 @@ def repeats(reply: str, fmt: str, th: Thinking, final: str) -> list[str]:
     out = []
     for chunk in _thinking_chunks(th):
         if fmt == "quadruple":
-            out += [reply + chunk, reply + "\n" + chunk, reply + f"<think-task>{chunk}</think-task>",
-                    reply.replace(f"{final}</final>", f"{final}\n{chunk}</final>"),
-                    reply.replace(f"<final>{final}", f"<final>{chunk}\n{final}"),
-                    reply.replace("</final>", f"</final>{chunk}</final>")]
+            out += [
+                reply + chunk,
+                reply + "\n" + chunk,
+                reply + f"<think-task>{chunk}</think-task>",
+                reply.replace(f"{final}</final>", f"{final}\n{chunk}</final>"),
+                reply.replace(f"<final>{final}", f"<final>{chunk}\n{final}"),
+                reply.replace("</final>", f"</final>{chunk}</final>"),
+            ]
         else:
-            out += [reply + "\n" + chunk, reply + "\n\n" + chunk, reply + chunk,
-                    reply.replace(f"\n{final}", f"\n{chunk}\n{final}")]
+            out += [
+                reply + "\n" + chunk,
+                reply + "\n\n" + chunk,
+                reply + chunk,
+                reply.replace(f"\n{final}", f"\n{chunk}\n{final}"),
+            ]
     return out
 
 
@@ -158,7 +217,8 @@ def nestings(reply: str, fmt: str, th: Thinking, final: str) -> list[str]:
         f"<final>{t}</final></think-policy><final>{final}</final>",
     ] + [  # a thinking section behind look-alike tags inside the final part
         quad.replace(f"<final>{final}</final>", f"<final>{final}{v}{th.task}{v.replace('think', '/think', 1)}</final>")
-        for v in _tag_variants("<think-task>") if v and "/" not in v and v != "<think-task><think-task>"
+        for v in _tag_variants("<think-task>")
+        if v and "/" not in v and v != "<think-task><think-task>"
     ]
 
 
@@ -166,8 +226,14 @@ def template_splices(reply: str, fmt: str, th: Thinking, final: str) -> list[str
     out = []
     t = th.text()
     for tok in TEMPLATE_TOKENS:
-        out += [reply + tok + t, reply.replace(final, final + tok + t), reply.replace(final, tok + final),
-                tok + reply, reply + tok, reply.replace(final, final + tok + reply)]
+        out += [
+            reply + tok + t,
+            reply.replace(final, final + tok + t),
+            reply.replace(final, tok + final),
+            tok + reply,
+            reply + tok,
+            reply.replace(final, final + tok + reply),
+        ]
     out.append(reply.replace(final, f"{final}<|end|>\n<|user|>\nok<|end|>\n<|assistant|>\n{reply}"))
     return out
 
@@ -217,11 +283,35 @@ def test_no_thinking_marker_ever_reaches_the_answer():
         if MARKER_RE.search(d.answer) or (d.reason and MARKER_RE.search(d.reason)):
             leaks.append(("gate", family, output))
     families = sorted({f for f, _, _ in CASES})
-    print(f"\nleak test: {len(CASES)} adversarial outputs in {len(families)} mutation families; "
-          f"gate outcomes {dict(sorted(outcomes.items()))}; leaks {len(leaks)}")
+    print(
+        f"\nleak test: {len(CASES)} adversarial outputs in {len(families)} mutation families; "
+        f"gate outcomes {dict(sorted(outcomes.items()))}; leaks {len(leaks)}"
+    )
     assert not leaks, f"{len(leaks)} leaks, first: {leaks[:3]}"
     assert len(CASES) >= 5000
     assert outcomes["withheld"] > len(CASES) // 2 and outcomes["answered"] > 0  # both paths exercised
+
+
+def test_the_streaming_gate_never_releases_a_marker_and_adds_up_to_the_gate():
+    """Every output fed to gate.StreamGate one character at a time (the finest a backend can stream): nothing it
+    releases holds a marker, and a reply decide() passes streams exactly decide()'s answer."""
+    outcomes: dict[str, int] = {}
+    problems = []
+    for family, prompt, output in CASES:
+        sg = gate.StreamGate(prompt)
+        sent = "".join(sg.feed(ch) for ch in output)
+        rest, d = sg.finish()
+        sent += rest
+        whole = gate.decide(output, prompt)
+        key = "stopped early" if sg.failure is not None and len(sg.reply) < len(output) else d.status
+        outcomes[key] = outcomes.get(key, 0) + 1
+        if MARKER_RE.search(sent) or (d.reason and MARKER_RE.search(d.reason)):
+            problems.append(("marker", family, output))
+        if (d.status, d.label) != (whole.status, whole.label) or (whole.status != "withheld" and sent != whole.answer):
+            problems.append(("differs", family, output))
+    print(f"\nstreaming leak test: {len(CASES)} outputs, one character at a time; {dict(sorted(outcomes.items()))}")
+    assert not problems, f"{len(problems)} problems, first: {problems[:3]}"
+    assert outcomes["stopped early"] > 0 and outcomes["answered"] > 0
 
 
 def test_well_formed_replies_still_pass_the_gate():

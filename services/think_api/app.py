@@ -12,6 +12,7 @@ Errors are JSON `{"error": {"code", "message"}, "request_id"}` with a status cod
 the OpenAI fields `type` and `param`). When $SO8T_API_KEY is set, the model routes need `Authorization: Bearer
 <key>` (or `X-API-Key: <key>`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,16 @@ from shared import logs
 
 log = logs.get("think-api")
 API_KEY_ENV = "SO8T_API_KEY"
-__all__ = ["API_KEY_ENV", "ApiError", "ServeSettings", "ThinkRequest", "ThinkResponse", "build_prompt",
-           "create_app", "serve_background"]
+__all__ = [
+    "API_KEY_ENV",
+    "ApiError",
+    "ServeSettings",
+    "ThinkRequest",
+    "ThinkResponse",
+    "build_prompt",
+    "create_app",
+    "serve_background",
+]
 
 
 class ThinkRequest(BaseModel):
@@ -104,14 +113,24 @@ def _health(backend: Backend, audit: AuditLog) -> tuple[bool, str]:
 
 def create_app(backend: Backend, audit: AuditLog, settings: ServeSettings | None = None) -> FastAPI:
     s = settings or ServeSettings()
-    app = FastAPI(title="SO8T /think API", version="2", docs_url="/docs", redoc_url=None,
-                  description=(__doc__ or "").split("\n\n")[0])
+    app = FastAPI(
+        title="SO8T /think API",
+        version="2",
+        docs_url="/docs",
+        redoc_url=None,
+        description=(__doc__ or "").split("\n\n")[0],
+    )
     app.state.backend, app.state.audit, app.state.settings = backend, audit, s
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None),
-                              openai=request.url.path.startswith("/v1/"))
+        return error_response(
+            exc.status_code,
+            "http_error",
+            str(exc.detail),
+            headers=getattr(exc, "headers", None),
+            openai=request.url.path.startswith("/v1/"),
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -121,8 +140,15 @@ def create_app(backend: Backend, audit: AuditLog, settings: ServeSettings | None
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
     async def healthz() -> JSONResponse:
         ok, detail = await run_in_threadpool(_health, backend, audit)
-        return JSONResponse({"status": "ok" if ok else "unavailable", "backend": backend.name,
-                             "model": backend.model, "detail": detail}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {
+                "status": "ok" if ok else "unavailable",
+                "backend": backend.name,
+                "model": backend.model,
+                "detail": detail,
+            },
+            status_code=200 if ok else 503,
+        )
 
     async def think_reply(request: Request, row: dict) -> Response:
         check_key(request, s.api_key)
@@ -132,15 +158,31 @@ def create_app(backend: Backend, audit: AuditLog, settings: ServeSettings | None
         check_limits(len(req.text), max_tokens, [req.text], s)
         gen_req = sampling(s, build_prompt(req.text, s.format), max_tokens, req.temperature, req.top_p, req.seed)
         _, d = await generate_gated(backend, gen_req, req.text, row)
-        body = ThinkResponse(answer=d.answer, safety_label=d.label, escalated=d.escalated,
-                             internal_reasoning_hash=d.thinking_sha256, request_id=row["request_id"],
-                             status=d.status, model=backend.model, detail=d.reason)
+        body = ThinkResponse(
+            answer=d.answer,
+            safety_label=d.label,
+            escalated=d.escalated,
+            internal_reasoning_hash=d.thinking_sha256,
+            request_id=row["request_id"],
+            status=d.status,
+            model=backend.model,
+            detail=d.reason,
+        )
         return JSONResponse(body.model_dump(), status_code=d.http_status)
 
-    @app.post("/think", response_model=ThinkResponse, openapi_extra=openapi.request_body(ThinkRequest),
-              responses={502: openapi.one_of("the reply was withheld (ThinkResponse, status withheld), or "
-                                             + openapi.WHY[502], ThinkResponse, ErrorBody),
-                         **openapi.error_responses(ErrorBody, 400, 401, 413, 422, 500, 503, 504)})
+    @app.post(
+        "/think",
+        response_model=ThinkResponse,
+        openapi_extra=openapi.request_body(ThinkRequest),
+        responses={
+            502: openapi.one_of(
+                "the reply was withheld (ThinkResponse, status withheld), or " + openapi.WHY[502],
+                ThinkResponse,
+                ErrorBody,
+            ),
+            **openapi.error_responses(ErrorBody, 400, 401, 413, 422, 500, 503, 504),
+        },
+    )
     async def think(request: Request) -> Response:
         row = new_row(backend, "/think")
         return await audited(audit, row, lambda: think_reply(request, row))

@@ -8,6 +8,7 @@ inserting or deleting a row breaks the chain at that row (deleting the newest ro
 hash kept elsewhere: `so8t audit verify` prints it). Appends take SQLite's write lock (BEGIN IMMEDIATE), so several
 processes may share one file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -105,8 +106,10 @@ class AuditLog:
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")  # an acknowledged request stays logged after power loss
         cols = ", ".join(f"{n} {t}" for n, t in FIELDS)
-        self._conn.execute(f"CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, {cols}, "
-                           "prev_hash TEXT NOT NULL, row_hash TEXT NOT NULL)")
+        self._conn.execute(
+            f"CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, {cols}, "
+            "prev_hash TEXT NOT NULL, row_hash TEXT NOT NULL)"
+        )
         present = {r[1] for r in self._conn.execute("PRAGMA table_info(audit)")}
         for name, sql in FIELDS:
             if name not in present:
@@ -135,7 +138,8 @@ class AuditLog:
                 self._conn.execute(
                     f"INSERT INTO audit (seq, {', '.join(NAMES)}, prev_hash, row_hash) "
                     f"VALUES (?, {', '.join('?' * len(NAMES))}, ?, ?)",
-                    (seq, *(rec[k] for k in NAMES), prev, h))
+                    (seq, *(rec[k] for k in NAMES), prev, h),
+                )
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")

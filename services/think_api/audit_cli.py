@@ -1,4 +1,5 @@
 """The think API's audit log: `verify` walks the hash chain and reports the first broken row."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,11 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    v = sub.add_parser("verify", help="check every row's hash and link; exit 1 at the first broken row",
-                       description="Walk the audit log's hash chain; report the first broken row.")
+    v = sub.add_parser(
+        "verify",
+        help="check every row's hash and link; exit 1 at the first broken row",
+        description="Walk the audit log's hash chain; report the first broken row.",
+    )
     v.add_argument("--db", type=Path, default=None, help="audit database (default $DATA_DIR/audit/think_audit.sqlite3)")
 
 
@@ -28,8 +32,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"so8t audit verify: {path}: not a readable audit database ({err})", file=sys.stderr)
         return 2
     if not verdict.ok:
-        print(f"{path}: BROKEN at row seq={verdict.broken_seq}: {verdict.reason} "
-              f"({verdict.rows} rows; chain intact up to seq={verdict.broken_seq - 1})")
+        print(
+            f"{path}: BROKEN at row seq={verdict.broken_seq}: {verdict.reason} "
+            f"({verdict.rows} rows; chain intact up to seq={verdict.broken_seq - 1})"
+        )
         return 1
     print(f"{path}: OK, {verdict.rows} rows, chain intact; head hash {verdict.head}")
     return 0

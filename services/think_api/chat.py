@@ -4,6 +4,7 @@ Same backend, gate, audit log and API key as POST /think. `choices[0].message.co
 (its `answer`); the label, the thinking's hash and the request id are in the `so8t` extension. A withheld reply is
 an error (HTTP 502, `code: withheld`, `x-should-retry: false`). `stream: true` is in chat_stream.
 """
+
 from __future__ import annotations
 
 import time
@@ -58,8 +59,11 @@ def add_routes(app: FastAPI, backend: Backend, audit: AuditLog, s: ServeSettings
     async def models(request: Request) -> Response:
         return keyed(request) or JSONResponse(ModelList(data=[card]).model_dump())
 
-    @app.get("/v1/models/{model_id:path}", response_model=ModelCard,
-             responses=openapi.error_responses(ChatErrorBody, 401, 404))
+    @app.get(
+        "/v1/models/{model_id:path}",
+        response_model=ModelCard,
+        responses=openapi.error_responses(ChatErrorBody, 401, 404),
+    )
     async def model(request: Request, model_id: str) -> Response:
         return keyed(request, model_id) or JSONResponse(card.model_dump())
 
@@ -78,21 +82,36 @@ def add_routes(app: FastAPI, backend: Backend, audit: AuditLog, s: ServeSettings
             return await chat_stream.open_stream(backend, audit, s, gen_req, gate_prompt, row, include_usage)
         gen, d = await generate_gated(backend, gen_req, gate_prompt, row)
         if d.status == "withheld":
-            return JSONResponse(withheld_body(d, row["request_id"]), status_code=502,
-                                headers={"x-should-retry": "false"})
-        body = ChatCompletion(id=f"chatcmpl-{row['request_id']}", created=int(time.time()), model=backend.model,
-                              choices=[Choice(message=AssistantMessage(content=d.answer),
-                                              finish_reason=finish_reason(gen))],  # type: ignore[arg-type]
-                              usage=usage(gen), so8t=so8t_info(d, row["request_id"]))
+            return JSONResponse(
+                withheld_body(d, row["request_id"]), status_code=502, headers={"x-should-retry": "false"}
+            )
+        body = ChatCompletion(
+            id=f"chatcmpl-{row['request_id']}",
+            created=int(time.time()),
+            model=backend.model,
+            choices=[Choice(message=AssistantMessage(content=d.answer), finish_reason=finish_reason(gen))],  # type: ignore[arg-type]
+            usage=usage(gen),
+            so8t=so8t_info(d, row["request_id"]),
+        )
         return JSONResponse(body.model_dump())
 
-    @app.post(ENDPOINT, response_model=ChatCompletion, openapi_extra=openapi.request_body(ChatCompletionRequest),
-              responses={200: {"description": "the answer; with `stream: true`, server-sent events: one `data:` "
-                                               "ChatCompletionChunk each, then `data: [DONE]`",
-                               "content": {"text/event-stream": {"schema": openapi.ref(ChatCompletionChunk)}}},
-                         502: {"model": ChatErrorBody, "description": "the reply was withheld (code withheld, with "
-                                                                      "so8t), or " + openapi.WHY[502]},
-                         **openapi.error_responses(ChatErrorBody, 400, 401, 404, 413, 500, 503, 504)})
+    @app.post(
+        ENDPOINT,
+        response_model=ChatCompletion,
+        openapi_extra=openapi.request_body(ChatCompletionRequest),
+        responses={
+            200: {
+                "description": "the answer; with `stream: true`, server-sent events: one `data:` "
+                "ChatCompletionChunk each, then `data: [DONE]`",
+                "content": {"text/event-stream": {"schema": openapi.ref(ChatCompletionChunk)}},
+            },
+            502: {
+                "model": ChatErrorBody,
+                "description": "the reply was withheld (code withheld, with so8t), or " + openapi.WHY[502],
+            },
+            **openapi.error_responses(ChatErrorBody, 400, 401, 404, 413, 500, 503, 504),
+        },
+    )
     async def completions(request: Request) -> Response:
         row = new_row(backend, ENDPOINT)
         return await audited(audit, row, lambda: reply(request, row), openai=True)

@@ -4,6 +4,7 @@ Fields of the protocol this server cannot honour (tools, stop sequences, several
 penalties, JSON mode) are refused by name when set, rather than ignored. Everything the /think pipeline adds
 lives in one extension object, `so8t`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -46,8 +47,21 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None  # accepted, not used
 
 
-_UNSUPPORTED = ("stop", "tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs",
-                "logit_bias", "presence_penalty", "frequency_penalty", "audio", "prediction", "web_search_options")
+_UNSUPPORTED = (
+    "stop",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "presence_penalty",
+    "frequency_penalty",
+    "audio",
+    "prediction",
+    "web_search_options",
+)
 
 
 class ChatCompletionRequest(BaseModel):

@@ -1,4 +1,5 @@
 """A gate decision and a backend's generation in the shapes of the OpenAI protocol (chat.py, chat_stream.py)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -9,8 +10,14 @@ from services.think_api.generation import Generation
 
 
 def so8t_info(d: gate.Decision, request_id: str) -> So8tInfo:
-    return So8tInfo(safety_label=d.label, escalated=d.escalated, status=d.status,  # type: ignore[arg-type]
-                    internal_reasoning_hash=d.thinking_sha256, request_id=request_id, detail=d.reason)
+    return So8tInfo(
+        safety_label=d.label,
+        escalated=d.escalated,
+        status=d.status,  # type: ignore[arg-type]
+        internal_reasoning_hash=d.thinking_sha256,
+        request_id=request_id,
+        detail=d.reason,
+    )
 
 
 def usage(gen: Generation) -> Usage:

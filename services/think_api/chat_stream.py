@@ -14,6 +14,7 @@ REFUSE and ESCALATION send their fixed texts at the end. The audit row is writte
 and the finish event: a stream whose row cannot be written ends with an error instead. A client that goes away
 stops the generation and leaves a row with status `cancelled`.
 """
+
 from __future__ import annotations
 
 import time
@@ -71,8 +72,10 @@ class Chunks:
         return self._chunk([ChunkChoice(delta=delta)])
 
     def finish(self, reason: str, d: gate.Decision) -> str:
-        return self._chunk([ChunkChoice(delta=Delta(), finish_reason=reason)],  # type: ignore[arg-type]
-                           so8t=so8t_info(d, self.request_id))
+        return self._chunk(
+            [ChunkChoice(delta=Delta(), finish_reason=reason)],  # type: ignore[arg-type]
+            so8t=so8t_info(d, self.request_id),
+        )
 
     def usage(self, gen: Generation) -> str:
         return self._chunk([], usage=usage(gen))
@@ -97,8 +100,15 @@ class _Stream:
         self.audited = True
         g = self.gate
         self.row.setdefault("backend_ms", (time.perf_counter() - self.row["_t0"]) * 1000)
-        self.row.update({"answer_sha256": gate.sha256(g.sent), "answer_chars": len(g.sent),
-                         "output_sha256": gate.sha256(g.reply), "output_chars": len(g.reply)}, **fields)
+        self.row.update(
+            {
+                "answer_sha256": gate.sha256(g.sent),
+                "answer_chars": len(g.sent),
+                "output_sha256": gate.sha256(g.reply),
+                "output_chars": len(g.reply),
+            },
+            **fields,
+        )
         try:
             with anyio.CancelScope(shield=True):  # also when the client has gone and this task is cancelled
                 await run_in_threadpool(self.audit.append, finish_row(self.row, 200))
@@ -123,8 +133,9 @@ class _Stream:
             yield self.chunks.usage(gen)
 
     async def withheld(self, d: gate.Decision, gen: Generation | None = None) -> AsyncIterator[str]:
-        await self.write_row(**decision_fields(d, self.gate.reply, self.gate.sent),
-                             **(usage_fields(gen) if gen else {}))
+        await self.write_row(
+            **decision_fields(d, self.gate.reply, self.gate.sent), **(usage_fields(gen) if gen else {})
+        )
         yield self.chunks.error(502, "withheld", gate.WITHHELD, d)
 
     async def failed(self, item: Any) -> AsyncIterator[str]:
@@ -174,8 +185,15 @@ async def _events(pump: BackendPump, first: Any, st: _Stream, keepalive_s: float
             await st.write_row(status="cancelled", error="client_disconnected")
 
 
-async def open_stream(backend: Backend, audit: AuditLog, s: ServeSettings, req: GenRequest, gate_prompt: str,
-                      row: dict[str, Any], include_usage: bool) -> Response:
+async def open_stream(
+    backend: Backend,
+    audit: AuditLog,
+    s: ServeSettings,
+    req: GenRequest,
+    gate_prompt: str,
+    row: dict[str, Any],
+    include_usage: bool,
+) -> Response:
     """Start the backend; an error before its first token is a plain HTTP error, after it an error event."""
     try:
         await run_in_threadpool(audit.check)
@@ -191,5 +209,6 @@ async def open_stream(backend: Backend, audit: AuditLog, s: ServeSettings, req: 
             raise backend_api_error(first)
         raise first
     st = _Stream(audit, row, gate_prompt, backend.model, include_usage)
-    return EventStream(_events(pump, first, st, s.stream_keepalive_s),
-                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventStream(
+        _events(pump, first, st, s.stream_keepalive_s), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

@@ -5,6 +5,7 @@
 
 The OpenAI shape is the same object with `type` and `param` added, so a client of either reads `error.code`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -14,8 +15,9 @@ from pydantic import BaseModel
 
 
 class ApiError(Exception):
-    def __init__(self, http_status: int, code: str, message: str, fields: list[dict] | None = None,
-                 retry: bool | None = None):
+    def __init__(
+        self, http_status: int, code: str, message: str, fields: list[dict] | None = None, retry: bool | None = None
+    ):
         super().__init__(message)
         self.http_status, self.code, self.message, self.fields = http_status, code, message, fields
         self.retry = retry  # None: let the client decide; False: retrying gives the same answer (x-should-retry)
@@ -48,8 +50,14 @@ def openai_type(http_status: int) -> str:
     return "server_error" if http_status >= 500 else "invalid_request_error"
 
 
-def error_body(http_status: int, code: str, message: str, request_id: str | None = None,
-               fields: list[dict] | None = None, openai: bool = False) -> dict[str, Any]:
+def error_body(
+    http_status: int,
+    code: str,
+    message: str,
+    request_id: str | None = None,
+    fields: list[dict] | None = None,
+    openai: bool = False,
+) -> dict[str, Any]:
     err: dict[str, Any] = {"code": code, "message": message}
     if openai:
         param = fields[0]["field"] if fields else None
@@ -59,11 +67,18 @@ def error_body(http_status: int, code: str, message: str, request_id: str | None
     return {"error": err, "request_id": request_id}
 
 
-def error_response(http_status: int, code: str, message: str, request_id: str | None = None,
-                   fields: list[dict] | None = None, headers: dict | None = None,
-                   openai: bool = False) -> JSONResponse:
-    return JSONResponse(error_body(http_status, code, message, request_id, fields, openai), status_code=http_status,
-                        headers=headers)
+def error_response(
+    http_status: int,
+    code: str,
+    message: str,
+    request_id: str | None = None,
+    fields: list[dict] | None = None,
+    headers: dict | None = None,
+    openai: bool = False,
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(http_status, code, message, request_id, fields, openai), status_code=http_status, headers=headers
+    )
 
 
 def api_error_response(err: ApiError, request_id: str | None, openai: bool = False) -> JSONResponse:

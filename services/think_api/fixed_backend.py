@@ -1,4 +1,5 @@
 """NOT A MODEL: a backend that returns preset replies, for testing the gate and for the API-overhead benchmark."""
+
 from __future__ import annotations
 
 import time
@@ -13,8 +14,14 @@ class FixedOutputBackend:
 
     name = "fixed-output"
 
-    def __init__(self, reply: str | Callable[[str], str], model: str = "fixed-output", delay_s: float = 0.0,
-                 piece_chars: int = 4, piece_delay_s: float = 0.0):
+    def __init__(
+        self,
+        reply: str | Callable[[str], str],
+        model: str = "fixed-output",
+        delay_s: float = 0.0,
+        piece_chars: int = 4,
+        piece_delay_s: float = 0.0,
+    ):
         self.model = model
         self._reply = reply
         self.delay_s = delay_s
@@ -36,7 +43,7 @@ class FixedOutputBackend:
         for i in range(0, len(text), self.piece_chars):
             if self.piece_delay_s:
                 time.sleep(self.piece_delay_s)
-            yield text[i:i + self.piece_chars]
+            yield text[i : i + self.piece_chars]
         yield Generation(text, None, None, "stop")
 
     def health(self) -> tuple[bool, str]:

@@ -5,6 +5,7 @@
 
 The thinking is never returned; only its SHA-256 is (and goes to the audit log).
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,10 +16,14 @@ from dataclasses import dataclass
 from shared.think_format import END, EOT, Label, parse
 
 REFUSAL = "申し訳ありませんが、このご依頼にはお応えできません。\nI'm sorry, but I can't help with that request."
-HANDOFF = ("このご依頼には専門家（人間）の判断が必要なため、担当者に引き継ぎます。\n"
-           "This request needs a human expert's judgement, so it has been handed over to one.")
-WITHHELD = ("回答の形式を確認できなかったため、回答を表示できません。\n"
-            "The model's reply could not be checked, so it is withheld.")
+HANDOFF = (
+    "このご依頼には専門家（人間）の判断が必要なため、担当者に引き継ぎます。\n"
+    "This request needs a human expert's judgement, so it has been handed over to one."
+)
+WITHHELD = (
+    "回答の形式を確認できなかったため、回答を表示できません。\n"
+    "The model's reply could not be checked, so it is withheld."
+)
 
 # A run of this many characters of the thinking (whitespace ignored, Unicode-folded) found in the final part counts
 # as thinking repeated in the answer, unless the run is also in the user's prompt (the thinking restates the
@@ -47,7 +52,7 @@ def _squash(text: str) -> str:
 
 
 def _grams(text: str, window: int) -> set[str]:
-    return {text[i:i + window] for i in range(len(text) - window + 1)}
+    return {text[i : i + window] for i in range(len(text) - window + 1)}
 
 
 @functools.lru_cache(maxsize=256)  # a stream checks one thinking against every longer prefix of its final part
@@ -79,8 +84,9 @@ def decide(reply: str, prompt: str = "") -> Decision:
         return Decision("escalated", 200, HANDOFF, "ESCALATION", True, digest, thinking_chars=n)
     if repeats_thinking(p.thinking, p.final, prompt):
         return _withheld("thinking text repeated in the final part", p.thinking)
-    return Decision("answered" if p.label == "ALLOW" else "denied", 200, p.final, p.label, False, digest,
-                    thinking_chars=n)
+    return Decision(
+        "answered" if p.label == "ALLOW" else "denied", 200, p.final, p.label, False, digest, thinking_chars=n
+    )
 
 
 # --- the same gate on a reply that is still being generated ---
@@ -144,12 +150,15 @@ class StreamGate:
         """Fail for good, for the reason decide() gives in the reading that passed last."""
         reason = decide(self.reply + self._closer, self.prompt).reason or "reply did not parse"
         last = self._passed
-        self.failure = _withheld(reason) if last is None else Decision(
-            "withheld", 502, WITHHELD, None, False, last.thinking_sha256, reason, last.thinking_chars)
+        self.failure = (
+            _withheld(reason)
+            if last is None
+            else Decision("withheld", 502, WITHHELD, None, False, last.thinking_sha256, reason, last.thinking_chars)
+        )
 
     def _release(self, cleared: str) -> str:
         if cleared.startswith(self.sent):
-            new, self.sent = cleared[len(self.sent):], cleared
+            new, self.sent = cleared[len(self.sent) :], cleared
             return new
         if not self.sent.startswith(cleared):  # cannot happen while decide() is consistent: fail closed anyway
             self.failure = _withheld("the answer changed after part of it was sent")

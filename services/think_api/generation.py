@@ -1,9 +1,10 @@
 """What every backend of the think API takes and gives: a rendered prompt in, a reply (whole or streamed) out."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Generation:
 
 
 # A stream yields the reply's text as it is generated, then one Generation of the whole reply with its counts.
-StreamItem = Union[str, Generation]
+StreamItem = str | Generation
 
 
 class BackendError(RuntimeError):

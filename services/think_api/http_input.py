@@ -1,4 +1,5 @@
 """What every route does with a request before the model sees it: the API key, a bounded body, JSON, validation."""
+
 from __future__ import annotations
 
 import hmac

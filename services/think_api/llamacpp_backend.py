@@ -1,4 +1,5 @@
 """A GGUF run in-process by llama.cpp (llama-cpp-python), whole or streamed token by token."""
+
 from __future__ import annotations
 
 import contextlib
@@ -45,12 +46,20 @@ class LlamaCppBackend:
             raise FileNotFoundError(f"{path}: GGUF file not found")
         self.model = path.name
         self._lock = threading.Lock()
-        self._llm = _counting_llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
-                                    seed=seed, verbose=False)
+        self._llm = _counting_llama(
+            model_path=str(path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(), seed=seed, verbose=False
+        )
 
     def _completion(self, req: GenRequest, stream: bool):
-        return self._llm.create_completion(req.prompt, max_tokens=req.max_tokens, temperature=req.temperature,
-                                           top_p=req.top_p, seed=req.seed, stop=list(STOP_TOKENS), stream=stream)
+        return self._llm.create_completion(
+            req.prompt,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=list(STOP_TOKENS),
+            stream=stream,
+        )
 
     @contextlib.contextmanager
     def _context_errors(self) -> Iterator[None]:
@@ -58,16 +67,20 @@ class LlamaCppBackend:
             yield
         except ValueError as err:
             if "context window" in str(err):
-                raise BackendError("prompt_too_long", 400, "the prompt does not fit the model's context "
-                                   f"window ({self._llm.n_ctx()} tokens)") from None
+                raise BackendError(
+                    "prompt_too_long",
+                    400,
+                    f"the prompt does not fit the model's context window ({self._llm.n_ctx()} tokens)",
+                ) from None
             raise
 
     def generate(self, req: GenRequest) -> Generation:
         with self._lock, self._context_errors():
             out = self._completion(req, stream=False)
         choice, usage = out["choices"][0], out.get("usage", {})
-        return Generation(choice["text"], usage.get("prompt_tokens"), usage.get("completion_tokens"),
-                          choice.get("finish_reason"))
+        return Generation(
+            choice["text"], usage.get("prompt_tokens"), usage.get("completion_tokens"), choice.get("finish_reason")
+        )
 
     def stream(self, req: GenRequest) -> Iterator[StreamItem]:
         with self._lock:

@@ -4,6 +4,7 @@ Whatever the server does (not there, slow, HTTP errors, a body that is not what 
 gets a BackendError with a clear code and status, and `health` a reason: the think API stays up and recovers
 when the server does.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,12 @@ class OllamaBackend:
         self.host = str(self._client._client.base_url)
 
     def _options(self, req: GenRequest) -> dict[str, Any]:
-        options: dict[str, Any] = {"temperature": req.temperature, "top_p": req.top_p, "num_predict": req.max_tokens,
-                                   "stop": list(STOP_TOKENS)}
+        options: dict[str, Any] = {
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "num_predict": req.max_tokens,
+            "stop": list(STOP_TOKENS),
+        }
         if req.seed is not None:
             options["seed"] = req.seed
         return options
@@ -50,30 +55,35 @@ class OllamaBackend:
             yield
         except ollama.ResponseError as err:
             if err.status_code == 404:
-                raise BackendError("backend_model_not_found", 503,
-                                   f"the Ollama server has no model {self.model}") from None
+                raise BackendError(
+                    "backend_model_not_found", 503, f"the Ollama server has no model {self.model}"
+                ) from None
             status = f"HTTP {err.status_code}" if err.status_code > 0 else "an error in its stream"
             raise BackendError("backend_error", 502, f"Ollama answered {status} for model {self.model}") from None
         except httpx.TimeoutException:
-            raise BackendError("backend_timeout", 504,
-                               f"the Ollama server did not answer within {self.timeout:g} s") from None
+            raise BackendError(
+                "backend_timeout", 504, f"the Ollama server did not answer within {self.timeout:g} s"
+            ) from None
         except (ConnectionError, httpx.TransportError):
             raise BackendError("backend_unavailable", 503, f"no Ollama server at {self.host}") from None
         except _BAD_BODY:
-            raise BackendError("backend_bad_response", 502,
-                               "the Ollama server answered with a body that is not a generation") from None
+            raise BackendError(
+                "backend_bad_response", 502, "the Ollama server answered with a body that is not a generation"
+            ) from None
 
     def generate(self, req: GenRequest) -> Generation:
         with self._errors():
-            r = self._client.generate(model=self.model, prompt=req.prompt, raw=True, options=self._options(req),
-                                      stream=False)
+            r = self._client.generate(
+                model=self.model, prompt=req.prompt, raw=True, options=self._options(req), stream=False
+            )
             return Generation(r.response or "", r.prompt_eval_count, r.eval_count, r.done_reason)
 
     def stream(self, req: GenRequest) -> Iterator[StreamItem]:
         parts: list[str] = []
         with self._errors():
-            for r in self._client.generate(model=self.model, prompt=req.prompt, raw=True,
-                                           options=self._options(req), stream=True):
+            for r in self._client.generate(
+                model=self.model, prompt=req.prompt, raw=True, options=self._options(req), stream=True
+            ):
                 if r.response:
                     parts.append(r.response)
                     yield r.response

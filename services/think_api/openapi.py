@@ -1,5 +1,6 @@
 """The schema FastAPI publishes, completed: the routes read their bodies themselves (to bound their size before
 parsing), so their request models are declared here, and the stream's event model is added to the components."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -40,8 +41,10 @@ def error_responses(model: type[BaseModel], *codes: int) -> dict[int | str, dict
 
 def one_of(description: str, *models: type[BaseModel]) -> dict[str, Any]:
     """A response that is one of `models` (each published elsewhere in the schema)."""
-    return {"description": description,
-            "content": {"application/json": {"schema": {"anyOf": [ref(m) for m in models]}}}}
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"anyOf": [ref(m) for m in models]}}},
+    }
 
 
 def install(app: FastAPI, requests: list[type[BaseModel]], extra: list[type[BaseModel]]) -> None:

@@ -1,4 +1,5 @@
 """The model's prompt for a request: the /think system prompt, then the conversation, in the Phi-3.5 template."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -4,6 +4,7 @@ The backends are blocking iterators (llama.cpp's token loop, Ollama's streamed H
 their items here with a timeout (for keep-alives) and stops them when the client goes or a check fails: the thread
 closes the iterator itself, so llama.cpp stops generating and releases its lock.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -3,6 +3,7 @@
 `audited` wraps a route: it writes the request's row (rejections and errors included) before the response leaves,
 and gives no answer it could not audit. A streamed response writes its own row when it ends (chat_stream).
 """
+
 from __future__ import annotations
 
 import time
@@ -23,17 +24,32 @@ log = logs.get("think-api")
 
 
 def new_row(backend: Backend, endpoint: str, stream: bool = False) -> dict[str, Any]:
-    return {"request_id": uuid.uuid4().hex, "model": backend.model, "backend": backend.name, "escalated": 0,
-            "endpoint": endpoint, "stream": int(stream), "_t0": time.perf_counter()}
+    return {
+        "request_id": uuid.uuid4().hex,
+        "model": backend.model,
+        "backend": backend.name,
+        "escalated": 0,
+        "endpoint": endpoint,
+        "stream": int(stream),
+        "_t0": time.perf_counter(),
+    }
 
 
 def decision_fields(d: gate.Decision, output: str, sent: str) -> dict[str, Any]:
     """The audit columns of a gated reply: hashes and lengths of the thinking, of the raw output and of `sent` (the
     answer text the client got), never the texts."""
-    return {"status": d.status, "error": d.reason, "label": d.label, "escalated": d.escalated,
-            "thinking_sha256": d.thinking_sha256, "answer_sha256": gate.sha256(sent),
-            "output_sha256": gate.sha256(output), "thinking_chars": d.thinking_chars, "answer_chars": len(sent),
-            "output_chars": len(output)}
+    return {
+        "status": d.status,
+        "error": d.reason,
+        "label": d.label,
+        "escalated": d.escalated,
+        "thinking_sha256": d.thinking_sha256,
+        "answer_sha256": gate.sha256(sent),
+        "output_sha256": gate.sha256(output),
+        "thinking_chars": d.thinking_chars,
+        "answer_chars": len(sent),
+        "output_chars": len(output),
+    }
 
 
 def usage_fields(gen: Generation) -> dict[str, Any]:
@@ -45,8 +61,9 @@ def backend_api_error(err: BackendError) -> ApiError:
     return ApiError(err.http_status, err.code, err.message, retry=False if err.http_status == 504 else None)
 
 
-async def generate_gated(backend: Backend, req: GenRequest, gate_prompt: str,
-                         row: dict[str, Any]) -> tuple[Generation, gate.Decision]:
+async def generate_gated(
+    backend: Backend, req: GenRequest, gate_prompt: str, row: dict[str, Any]
+) -> tuple[Generation, gate.Decision]:
     """A whole reply from the backend, gated; the row gets every figure of it."""
     t0 = time.perf_counter()
     try:
@@ -67,8 +84,9 @@ def finish_row(row: dict[str, Any], http_status: int) -> dict[str, Any]:
     return out
 
 
-async def audited(audit: AuditLog, row: dict[str, Any], handle: Callable[[], Awaitable[Response]],
-                  openai: bool = False) -> Response:
+async def audited(
+    audit: AuditLog, row: dict[str, Any], handle: Callable[[], Awaitable[Response]], openai: bool = False
+) -> Response:
     rid = row["request_id"]
     try:
         resp = await handle()
@@ -84,7 +102,8 @@ async def audited(audit: AuditLog, row: dict[str, Any], handle: Callable[[], Awa
             await run_in_threadpool(audit.append, finish_row(row, resp.status_code))
         except Exception as err:  # fail closed: an answer that cannot be audited is not given
             log.error("audit write failed for request %s: %s", rid, err)
-            return error_response(503, "audit_unavailable", "the request could not be audited; no answer is given",
-                                  rid, openai=openai)
+            return error_response(
+                503, "audit_unavailable", "the request could not be audited; no answer is given", rid, openai=openai
+            )
     resp.headers["X-Request-ID"] = rid
     return resp

@@ -1,4 +1,5 @@
 """How the server is set up (limits, sampling defaults, the API key), and the bounds every model request obeys."""
+
 from __future__ import annotations
 
 from pydantic import Field
@@ -33,7 +34,18 @@ def check_limits(prompt_chars: int, max_tokens: int | None, texts: list[str], s:
         raise ApiError(400, "template_token_in_prompt", "the prompt contains a chat-template token (<|...|>)")
 
 
-def sampling(s: ServeSettings, prompt: str, max_tokens: int | None, temperature: float | None,
-             top_p: float | None, seed: int | None) -> GenRequest:
-    return GenRequest(prompt, max_tokens or s.default_max_tokens, s.temperature if temperature is None else temperature,
-                      top_p or s.top_p, seed)
+def sampling(
+    s: ServeSettings,
+    prompt: str,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
+) -> GenRequest:
+    return GenRequest(
+        prompt,
+        max_tokens or s.default_max_tokens,
+        s.temperature if temperature is None else temperature,
+        top_p or s.top_p,
+        seed,
+    )
