@@ -242,9 +242,9 @@ def user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def stream_text(client: openai.OpenAI, text: str, **kw) -> tuple[str, list]:
+def stream_text(client: openai.OpenAI, text: str, model: str = MODEL, **kw) -> tuple[str, list]:
     """(the streamed content, every chunk); raises what the client raises."""
-    chunks = list(client.chat.completions.create(model=MODEL, messages=user(text), stream=True, **kw))
+    chunks = list(client.chat.completions.create(model=model, messages=user(text), stream=True, **kw))
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
 
 
@@ -435,6 +435,26 @@ def test_a_backend_that_is_down_then_comes_back(served, standin, ok):
     assert stream_text(served.client(), "2+2は？")[0] == "2+2は4です。足し算の基本で、いつでも同じ答えになります。"
 
 
+def test_serve_starts_and_stays_up_while_ollama_answers_nonsense(tmp_path):
+    """`so8t serve --backend ollama` used to exit when /api/show gave a body the client could not validate."""
+    standin = StandInOllama()
+    standin.mode = "wrong_shape"
+    served = Served(tmp_path, standin)
+    try:
+        assert (
+            served.health() == 503 and "not a model description" in httpx.get(f"{served.url}/healthz").json()["detail"]
+        )
+        standin.mode = "not_json"
+        assert served.health() == 503 and served.proc.poll() is None
+        standin.mode = "ok"
+        assert served.health() == 200
+        assert stream_text(served.client(), "2+2は？")[0]
+    finally:
+        out = served.close()
+        standin.stop()
+    assert "backend not ready" in out and "Traceback" not in out, out
+
+
 # --- in-process: the app under uvicorn in a thread, the FIXED-OUTPUT backend (not a model) ---
 
 
@@ -566,6 +586,7 @@ def test_keepalive_comments_while_the_model_thinks_and_nothing_else(app_server):
         if e.startswith("data:") and json.loads(e[6:])["choices"]
     )
     assert content == LONG_FINAL and SECRET not in "".join(events)
+    assert stream_text(local(url), "2+2は？", model="fixed-output")[0] == LONG_FINAL  # the client skips comments
 
 
 def test_a_client_that_goes_away_stops_the_generation_and_is_audited(app_server):

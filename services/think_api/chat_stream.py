@@ -34,9 +34,11 @@ from services.think_api.chat_shapes import finish_reason, so8t_info, usage
 from services.think_api.errors import ApiError, openai_type
 from services.think_api.generation import Backend, BackendError, Generation, GenRequest
 from services.think_api.pump import END, SILENCE, BackendPump
-from services.think_api.replies import backend_api_error, decision_fields, finish_row, log, usage_fields
+from services.think_api.replies import backend_api_error, decision_fields, finish_row, usage_fields
 from services.think_api.serve_settings import ServeSettings
+from shared import logs
 
+log = logs.get("think-api")
 KEEPALIVE = ": keep-alive\n\n"
 DONE = "data: [DONE]\n\n"
 
