@@ -686,3 +686,28 @@ def test_the_openapi_schema_describes_what_the_endpoints_send(app_server):
         check("/think", "post", status, httpx.post(f"{url}/think", json={"prompt": prompt}).json())
     r = httpx.post(f"{url}/think", json={"prompt": ""})
     check("/think", "post", r.status_code, r.json())
+
+
+def test_a_stream_whose_client_is_gone_before_the_first_event_is_still_closed():
+    import anyio
+
+    from services.think_api.chat_stream import EventStream
+
+    started, closed = [], []
+
+    async def events():
+        started.append(1)
+        yield "data: {}\n\n"
+
+    async def on_close():
+        closed.append(1)
+
+    async def gone(message):
+        raise OSError("client disconnected")
+
+    async def main():
+        with pytest.raises(OSError):
+            await EventStream(events(), on_close=on_close).stream_response(gone)
+
+    anyio.run(main)
+    assert (started, closed) == ([], [1])  # the events never ran; the row is written by on_close all the same

@@ -1,1 +1,2 @@
-"""The /think HTTP API: the answer goes out, the thinking never does, and every request is audited."""
+"""The /think HTTP API and its OpenAI-compatible twin: the answer goes out, the thinking never does, every request
+is audited."""

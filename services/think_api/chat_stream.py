@@ -18,7 +18,7 @@ stops the generation and leaves a row with status `cancelled`.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -48,13 +48,21 @@ def sse(event: BaseModel) -> str:
 
 
 class EventStream(StreamingResponse):
+    """A StreamingResponse that closes its events and then calls `on_close`, however the response ended (the client
+    may go away before the first event, when the events' own cleanup has not even started)."""
+
     media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]], **kw: Any):
+        super().__init__(content, **kw)
+        self.on_close = on_close
 
     async def stream_response(self, send: Send) -> None:
         try:
             await super().stream_response(send)
-        finally:  # the events' own cleanup (its audit row) runs now, also when the client went away mid-stream
+        finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self.on_close()
 
 
 class Chunks:
@@ -91,11 +99,19 @@ class Chunks:
 class _Stream:
     """One stream's state: the gate, the events, the audit row (written once)."""
 
-    def __init__(self, audit: AuditLog, row: dict[str, Any], gate_prompt: str, model: str, include_usage: bool):
-        self.audit, self.row, self.include_usage = audit, row, include_usage
+    def __init__(
+        self, pump: BackendPump, audit: AuditLog, row: dict[str, Any], gate_prompt: str, model: str, include_usage: bool
+    ):
+        self.pump, self.audit, self.row, self.include_usage = pump, audit, row, include_usage
         self.gate = gate.StreamGate(gate_prompt)
         self.chunks = Chunks(row["request_id"], model)
         self.audited = False
+
+    async def close(self) -> None:
+        """The stream is over: a row not written yet means the client went away before the end."""
+        self.pump.stop()
+        if not self.audited:
+            await self.write_row(status="cancelled", error="client_disconnected")
 
     async def write_row(self, **fields: Any) -> bool:
         """Write the row (once): the gate's figures, what was sent, `fields`. False if the audit log failed."""
@@ -182,9 +198,7 @@ async def _events(pump: BackendPump, first: Any, st: _Stream, keepalive_s: float
             yield event
         yield DONE
     finally:
-        pump.stop()
-        if not st.audited:  # the client went away (this task was cancelled) before the end
-            await st.write_row(status="cancelled", error="client_disconnected")
+        await st.close()
 
 
 async def open_stream(
@@ -210,7 +224,9 @@ async def open_stream(
         if isinstance(first, BackendError):
             raise backend_api_error(first)
         raise first
-    st = _Stream(audit, row, gate_prompt, backend.model, include_usage)
+    st = _Stream(pump, audit, row, gate_prompt, backend.model, include_usage)
     return EventStream(
-        _events(pump, first, st, s.stream_keepalive_s), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        _events(pump, first, st, s.stream_keepalive_s),
+        on_close=st.close,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
