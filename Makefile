@@ -48,7 +48,7 @@ PIPELINE := $(COMPOSE) --profile pipeline
 STAGE_RUN := $(PIPELINE) run --rm --no-deps -e SO8T_PIPELINE_ID= -e SO8T_WAIT_TIMEOUT=0
 UP_BUILD = $(if $(filter 1,$(BUILD)),--build,)
 
-.PHONY: help pipeline up down logs ps build push pull demo data-dir dataset train bake convert import
+.PHONY: help pipeline up down logs ps build push pull demo data-dir dataset train bake convert import images-cpu stack-test
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
@@ -121,3 +121,10 @@ import: data-dir  ## one stage: import the GGUFs into the ollama service and run
 
 demo: $(VENV)/.installed  ## no Docker, no GPU: the same chain natively on a tiny random Phi-3, in minutes
 	$(VENV)/bin/so8t pipeline --config configs/pipeline/tiny.yaml $(ARGS)
+
+# ---- the CPU stack (no GPU): the same images and compose file, run for real in a private Docker engine ----------
+images-cpu: $(VENV)/.installed  ## build the CPU stack's images from nothing (root; Debian's docker.io + debootstrap)
+	scripts/images-cpu.sh $(PY)
+
+stack-test: $(VENV)/.installed  ## the stack end to end with a power cut and an orderly shutdown while training
+	$(PY) -m pytest tests/test_stack_e2e.py -v -s

@@ -7,41 +7,48 @@ ARG BASE_IMAGE=python:3.12.15-slim-bookworm@sha256:34386ef0cb081344d7ec1c103ba39
 FROM ${BASE_IMAGE} AS build
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    VIRTUAL_ENV=/opt/venv \
+ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
-RUN apt-get update \
+COPY docker/pip-env.sh /usr/local/lib/so8t/pip-env.sh
+RUN --mount=type=secret,id=pip_cert \
+    apt-get update \
  && apt-get install -y --no-install-recommends build-essential cmake \
  && rm -rf /var/lib/apt/lists/* \
- && python -m venv /opt/venv \
- && pip install --upgrade pip
+ && python3 -m venv /opt/venv \
+ && . /usr/local/lib/so8t/pip-env.sh && pip install --upgrade pip
 
-# torch (the CPU build, 2.13.0+cpu, outranks PyPI's CUDA one), then the project's dependencies pinned by
-# constraints.txt
-RUN pip install --extra-index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# torch (the CPU build, 2.13.0+cpu, outranks PyPI's CUDA one; with no index, the wheelhouse's), then the project's
+# dependencies pinned by constraints.txt
+RUN --mount=type=secret,id=pip_cert --mount=type=bind,source=.wheelhouse,target=/wheelhouse \
+    . /usr/local/lib/so8t/pip-env.sh \
+ && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
 COPY pyproject.toml constraints.txt docker/project-deps.py /tmp/deps/
-RUN python /tmp/deps/project-deps.py /tmp/deps/pyproject.toml > /tmp/deps/requirements.txt \
+RUN --mount=type=secret,id=pip_cert --mount=type=bind,source=.wheelhouse,target=/wheelhouse \
+    . /usr/local/lib/so8t/pip-env.sh \
+ && python /tmp/deps/project-deps.py /tmp/deps/pyproject.toml > /tmp/deps/requirements.txt \
  && pip install -c /tmp/deps/constraints.txt -r /tmp/deps/requirements.txt
 
 # llama.cpp: the bindings compiled from the pinned llama-cpp-python sdist, plus its convert_hf_to_gguf.py and gguf-py
-# under /opt/venv/share/so8t/llama.cpp. The compiled wheel is kept in a BuildKit cache between builds.
+# under /opt/venv/share/so8t/llama.cpp. The compiled wheel is kept in a BuildKit cache between builds, seeded from
+# the wheelhouse's copy of the native cache when there is one (same Python and flags: nothing to compile).
 COPY scripts/install-llama-cpp.sh /tmp/scripts/install-llama-cpp.sh
-RUN --mount=type=cache,target=/root/.cache/so8t \
-    SO8T_CACHE=/root/.cache/so8t bash /tmp/scripts/install-llama-cpp.sh /opt/venv/bin/python
+RUN --mount=type=cache,target=/root/.cache/so8t --mount=type=secret,id=pip_cert --mount=type=bind,source=.wheelhouse,target=/wheelhouse \
+    if [ -d /wheelhouse/so8t-cache ]; then cp -an /wheelhouse/so8t-cache/. /root/.cache/so8t/; fi \
+ && . /usr/local/lib/so8t/pip-env.sh \
+ && SO8T_CACHE=/root/.cache/so8t bash /tmp/scripts/install-llama-cpp.sh /opt/venv/bin/python
 
 FROM ${BASE_IMAGE}
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     HOME=/home/so8t \
     DATA_DIR=/data \
     HF_HOME=/data/hf_cache
 # libgomp1: llama.cpp's OpenMP runtime
-RUN apt-get update \
+COPY docker/pip-env.sh /usr/local/lib/so8t/pip-env.sh
+RUN --mount=type=secret,id=pip_cert \
+    apt-get update \
  && apt-get install -y --no-install-recommends libgomp1 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --uid 1000 --user-group --create-home --home-dir /home/so8t --shell /bin/bash so8t \
@@ -53,7 +60,9 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services
 COPY configs ./configs
-RUN pip install --no-deps -e . && python -c "import llama_cpp, gguf, torch, services.cli"
+COPY examples ./examples
+RUN --mount=type=secret,id=pip_cert . /usr/local/lib/so8t/pip-env.sh \
+ && pip install --no-deps -e . && python -c "import llama_cpp, gguf, torch, services.cli"
 
 USER so8t
 ENTRYPOINT []

@@ -7,6 +7,8 @@
 # passes them as the build args BASE_IMAGE and TORCH_INDEX_URL), then `make build`:
 #   CUDA_BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# The same file builds the CPU image of docker/compose.cpu.yaml: a Debian base and an empty TORCH_INDEX_URL, torch
+# then coming from the wheelhouse (.wheelhouse/, see docker/pip-env.sh).
 # Layers go from the slowest-changing to the fastest: system Python, torch, the pinned dependencies
 # (pyproject.toml + constraints.txt), and the code last, so a code change rebuilds only the last layers.
 ARG BASE_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04@sha256:c3fde347d52d578c84fd644bc177bc7ec333feaf11550d990da4084d7612e4c7
@@ -18,8 +20,6 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     HOME=/home/so8t \
@@ -28,22 +28,28 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 # Ubuntu's python3 (3.12 on 24.04) in a venv; the non-root user so8t (uid 1000 unless compose says otherwise:
 # the Makefile runs the stages as the invoking user, so files on the bind-mounted /data belong to that user).
-RUN apt-get update \
+COPY docker/pip-env.sh /usr/local/lib/so8t/pip-env.sh
+RUN --mount=type=secret,id=pip_cert \
+    apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && (userdel --remove ubuntu 2>/dev/null || true) \
  && useradd --uid 1000 --user-group --create-home --home-dir /home/so8t --shell /bin/bash so8t \
  && chmod 1777 /home/so8t \
  && python3 -m venv /opt/venv \
- && pip install --upgrade pip
+ && . /usr/local/lib/so8t/pip-env.sh && pip install --upgrade pip
 
 # torch: the CUDA build that matches the base image (2.13.0+cu130 from the PyTorch index outranks PyPI's plain
-# 2.13.0; PyPI serves the rest)
-RUN pip install --extra-index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# 2.13.0; PyPI serves the rest); with no index (the CPU build), the wheelhouse's CPU wheel
+RUN --mount=type=secret,id=pip_cert --mount=type=bind,source=.wheelhouse,target=/wheelhouse \
+    . /usr/local/lib/so8t/pip-env.sh \
+ && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
 
 # the project's dependencies, exact versions from constraints.txt; cached until either file changes
 COPY pyproject.toml constraints.txt docker/project-deps.py /tmp/deps/
-RUN python /tmp/deps/project-deps.py /tmp/deps/pyproject.toml > /tmp/deps/requirements.txt \
+RUN --mount=type=secret,id=pip_cert --mount=type=bind,source=.wheelhouse,target=/wheelhouse \
+    . /usr/local/lib/so8t/pip-env.sh \
+ && python /tmp/deps/project-deps.py /tmp/deps/pyproject.toml > /tmp/deps/requirements.txt \
  && pip install -c /tmp/deps/constraints.txt -r /tmp/deps/requirements.txt
 
 # the code
@@ -54,7 +60,8 @@ COPY services ./services
 COPY configs ./configs
 COPY examples ./examples
 COPY bench ./bench
-RUN pip install --no-deps -e . && python -c "import torch, services.cli"
+RUN --mount=type=secret,id=pip_cert . /usr/local/lib/so8t/pip-env.sh \
+ && pip install --no-deps -e . && python -c "import torch, services.cli"
 
 USER so8t
 ENTRYPOINT []

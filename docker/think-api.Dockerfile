@@ -6,22 +6,24 @@ FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     HOME=/home/so8t \
     DATA_DIR=/data
 
-RUN useradd --uid 1000 --user-group --create-home --home-dir /home/so8t --shell /bin/bash so8t \
+COPY docker/pip-env.sh /usr/local/lib/so8t/pip-env.sh
+RUN --mount=type=secret,id=pip_cert \
+    useradd --uid 1000 --user-group --create-home --home-dir /home/so8t --shell /bin/bash so8t \
  && chmod 1777 /home/so8t \
- && python -m venv /opt/venv \
- && pip install --upgrade pip
+ && python3 -m venv /opt/venv \
+ && . /usr/local/lib/so8t/pip-env.sh && pip install --upgrade pip
 
 # only what serving and the Ollama import need, versions from pyproject.toml + constraints.txt
 # (tests/test_dockerfiles.py checks this list covers every import of services.think_api and services.ollama)
 COPY pyproject.toml constraints.txt docker/project-deps.py /tmp/deps/
-RUN python /tmp/deps/project-deps.py /tmp/deps/pyproject.toml \
+RUN --mount=type=secret,id=pip_cert --mount=type=bind,source=.wheelhouse,target=/wheelhouse \
+    . /usr/local/lib/so8t/pip-env.sh \
+ && python /tmp/deps/project-deps.py /tmp/deps/pyproject.toml \
         --only fastapi uvicorn httpx ollama pydantic pyyaml tqdm tenacity gguf > /tmp/deps/requirements.txt \
  && pip install -c /tmp/deps/constraints.txt -r /tmp/deps/requirements.txt
 
@@ -30,7 +32,8 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services
 COPY configs ./configs
-RUN pip install --no-deps -e . && python -c "import fastapi, uvicorn, ollama, services.cli"
+RUN --mount=type=secret,id=pip_cert . /usr/local/lib/so8t/pip-env.sh \
+ && pip install --no-deps -e . && python -c "import fastapi, uvicorn, ollama, services.cli"
 
 USER so8t
 EXPOSE 8000

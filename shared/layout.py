@@ -101,6 +101,10 @@ class RunLayout:
         return self.root / "ollama"
 
     @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
     def stack(self) -> Path:
         """The compose stack's finish markers (services.stack)."""
         return self.root / "stack"

@@ -21,7 +21,7 @@ import pytest
 from services.baker.options import BakeOptions
 from services.converter.options import ConvertOptions
 from services.dataset.options import DatasetOptions
-from services.stack.cli import profile_jobs, serve_argv
+from services.stack.cli import profile_jobs, serve_job
 from shared import flags
 from shared.layout import GGUF_TYPES, Layout, gguf_name, ollama_tag
 
@@ -34,9 +34,10 @@ CHAIN = {
     "baker": ["bake"],
     "converter": ["convert"],
     "ollama-import": ["ollama-import", "ollama-smoke"],
-}  # the chain's stages each service runs
+    "eval": ["eval"],
+}  # the chain's stages each stage service runs
 CONTAINER = Layout(Path("/data"))  # DATA_DIR in every container
-SERVICES = set(STAGES) | {"ollama", "think-api"}
+SERVICES = set(CHAIN) | {"ollama", "think-api"}
 GPU_STAGES = {"trainer", "baker"}
 MAKE_SETS = {"SO8T_PIPELINE_ID", "SO8T_UID", "SO8T_GID"}  # variables the Makefile sets, not the user's .env
 
@@ -103,13 +104,18 @@ def wrapper_args(service: dict) -> argparse.Namespace:
     return p.parse_args(argv[3:])
 
 
+def profile_of(service: dict) -> Path:
+    """The profile file the service's wrapper reads: configs/pipeline/$SO8T_PROFILE.yaml from its environment."""
+    assert wrapper_args(service).config is None  # the container environment decides, not the command line
+    return REPO / "configs" / "pipeline" / f"{service['environment']['SO8T_PROFILE']}.yaml"
+
+
 def stage_jobs(service: dict) -> list:
     """What the service's stack wrapper resolves from its profile, exactly as in the container: the jobs."""
     from services.stack.cli import _split
 
-    w = wrapper_args(service)
-    names, extra = _split(w.words)
-    return profile_jobs(str(REPO / w.config), names, extra, CONTAINER)[0]
+    names, extra = _split(wrapper_args(service).words)
+    return profile_jobs(profile_of(service), names, extra, CONTAINER)[0]
 
 
 def stage_commands(service: dict) -> tuple[argparse.Namespace, list[list[str]]]:
@@ -122,7 +128,7 @@ def serve_command(service: dict) -> list[str]:
 
     w = wrapper_args(service)
     assert w.serve
-    return serve_argv(str(REPO / w.config), _split(w.words)[1], CONTAINER)
+    return serve_job(profile_of(service), w.serve, _split(w.words)[1], CONTAINER)[0].commands[0]
 
 
 def parsed(argv: list[str]) -> argparse.Namespace:
@@ -175,7 +181,7 @@ def test_profiles_in_the_file_are_the_ones_tested():
 
 def test_restart_policies(config):
     s = config["services"]
-    for name in STAGES:
+    for name in CHAIN:
         assert s[name]["restart"].startswith("on-failure"), name  # restarted on failure and after a host reset
         assert s[name].get("init") is True, name
     for name in ("ollama", "think-api"):
@@ -192,7 +198,7 @@ def test_one_shared_data_bind_mount_everywhere(config, compose_bin, empty_env_fi
 
 def test_hf_cache_and_token_reach_every_stage(compose_bin, empty_env_file, config):
     with_token = rendered(compose_bin, empty_env_file, env={"HF_TOKEN": "hf_test_token"})
-    for name in STAGES:
+    for name in CHAIN:
         env = config["services"][name]["environment"]
         assert env["HF_HOME"] == "/data/hf_cache" and env["DATA_DIR"] == "/data", name
         assert env["HF_TOKEN"] == "" and with_token["services"][name]["environment"]["HF_TOKEN"] == "hf_test_token"
@@ -278,7 +284,7 @@ def test_build_args_match_the_dockerfiles(config):
 
 
 def test_stages_run_as_the_invoking_user(config, compose_bin, empty_env_file):
-    for name in STAGES + ["think-api"]:
+    for name in [*CHAIN, "think-api"]:
         assert config["services"][name]["user"] == "1000:1000", name
     mine = rendered(compose_bin, empty_env_file, env={"SO8T_UID": "1234", "SO8T_GID": "99"})
     assert mine["services"]["trainer"]["user"] == "1234:99"
@@ -292,7 +298,7 @@ def test_stages_chain_through_manifests_not_depends_on(config):
         jobs = stage_jobs(s[name])
         assert [j.name for j in jobs] == CHAIN[name], name
         assert not set(s[name].get("depends_on", {})) & set(STAGES), f"{name} depends_on another stage"
-        assert wrapper_args(s[name]).config == wrapper_args(s["dataset"]).config  # one profile, one stack dir
+        assert profile_of(s[name]) == profile_of(s["dataset"])  # one profile, one stack dir
         first = jobs[0].commands[0]
         outputs[name] = {
             "dataset": lambda a: opt(a, "--output"),
@@ -305,6 +311,8 @@ def test_stages_chain_through_manifests_not_depends_on(config):
         first = stage_jobs(s[down])[0]
         assert [(u.name, str(u.manifest_dir)) for u in first.upstreams] == [(CHAIN[up][-1], outputs[up])], down
     assert stage_jobs(s["dataset"])[0].upstreams == []
+    evaluation = stage_jobs(s["eval"])[0]
+    assert [(u.name, str(u.manifest_dir)) for u in evaluation.upstreams] == [("convert", outputs["converter"])]
     smoke = stage_jobs(s["ollama-import"])[1]
     assert [u.name for u in smoke.upstreams] == ["ollama-import"]  # the import just before it, in this container
 
@@ -405,9 +413,9 @@ def test_compose_runs_the_profile_chain(compose_bin, empty_env_file, profile):
     s = rendered(compose_bin, empty_env_file, env={"SO8T_PROFILE": profile})["services"]
     chain = {st.name: [list(c) for c in st.commands] for st in plan(cfg, CONTAINER)}
     for service, names in CHAIN.items():
-        assert wrapper_args(s[service]).config == f"configs/pipeline/{profile}.yaml", service
+        assert profile_of(s[service]) == REPO / "configs" / "pipeline" / f"{profile}.yaml", service
         assert [j.commands for j in stage_jobs(s[service])] == [chain[n] for n in names], service
-    assert wrapper_args(s["think-api"]).config == f"configs/pipeline/{profile}.yaml"
+    assert profile_of(s["think-api"]) == REPO / "configs" / "pipeline" / f"{profile}.yaml"
     run = CONTAINER.run(cfg.run_id)
     ds = stage_commands(s["dataset"])[1][0]
     assert [opt(ds, "--input")] == [str(CONTAINER.input_glob)] and opt(ds, "--output") == str(
@@ -426,7 +434,7 @@ def test_compose_runs_the_profile_chain(compose_bin, empty_env_file, profile):
     imp, smoke = stage_commands(s["ollama-import"])[1]
     assert opt(imp, "--model") == cfg.ollama.model and opt(imp, "--run-dir") == str(run.ollama)
     assert opt(smoke, "--model") == f"{cfg.ollama.model}:{ollama_tag(cfg.serve.gguf_type)}"
-    assert profile_jobs(str(REPO / wrapper_args(s["trainer"]).config), ["train"], [], CONTAINER)[1] == run.stack
+    assert profile_jobs(profile_of(s["trainer"]), ["train"], [], CONTAINER)[1] == run.stack
 
 
 def test_stage_options_round_trip_through_the_command_line():

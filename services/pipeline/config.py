@@ -13,6 +13,7 @@ from pydantic import Field
 from services.baker.options import BakeOptions
 from services.converter.options import ConvertOptions
 from services.dataset.options import DatasetOptions
+from services.eval.options import EvalOptions
 from services.trainer.config import BaseModelId, MaxSteps, Seed
 from shared.config import StrictModel
 from shared.layout import GgufType
@@ -42,6 +43,17 @@ class ConvertStage(ConvertOptions):
     name: str = Field("so8t", pattern=NAME, description="GGUF file name stem: <name>-<TYPE>.gguf")
 
 
+class EvalStage(EvalOptions):
+    splits: list[Literal["val", "train"]] = Field(
+        default_factory=lambda: ["val", "train"], min_length=1, description="the dataset's splits to ask"
+    )
+    models: list[Literal["base", "baked", "F16", "Q8_0", "Q4_K_M"]] = Field(
+        default_factory=lambda: ["base", "F16", "Q8_0", "Q4_K_M"],
+        min_length=1,
+        description="the base model, the baked model, and the GGUFs of convert.types",
+    )
+
+
 class OllamaStage(StrictModel):
     enabled: Literal["auto", "always", "never"] = Field(
         "auto", description="natively: import only when a server answers at OLLAMA_HOST (auto), always, never"
@@ -64,6 +76,7 @@ class PipelineConfig(StrictModel):
     train: TrainStage = TrainStage()
     bake: BakeOptions = BakeOptions()
     convert: ConvertStage = ConvertStage()
+    eval: EvalStage = EvalStage()
     ollama: OllamaStage = OllamaStage()
     serve: ServeStage = ServeStage()
     smoke: SmokeStage = SmokeStage()

@@ -63,7 +63,7 @@ def plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
     evaluate = _each("--split", [f"{split}={ds / f'{split}.jsonl'}" for split in e.splits])
     evaluate += _each("--model", [f"{m}={models[m]}" for m in e.models if m in models])
     evaluate += ["--output", str(run.eval), *flags.to_argv(e, EvalOptions)]
-    ollama = ["import", *_each("--gguf", list(ggufs.values())), "--model", o.model, "--run-dir", str(run.ollama)]
+    ollama = ["import", "--gguf", *ggufs.values(), "--model", o.model, "--run-dir", str(run.ollama)]
     ollama += ["--format", d.format]
     smoke = ["smoke", "--model", f"{o.model}:{ollama_tag(cfg.serve.gguf_type)}", "--output", str(run.ollama)]
 

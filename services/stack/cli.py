@@ -1,17 +1,19 @@
 """Run chain stages in the compose stack: wait (bounded) for each stage's upstream on /data, then run its command.
 
-    python -m services.stack --config configs/pipeline/full.yaml train [-- EXTRA ARGS]
-    python -m services.stack --config configs/pipeline/full.yaml ollama-import ollama-smoke
-    python -m services.stack --config configs/pipeline/full.yaml --print bake      # show, run nothing
-    python -m services.stack --config configs/pipeline/full.yaml --serve [-- EXTRA ARGS]   # exec `so8t serve`
+    python -m services.stack train [-- EXTRA ARGS]           the profile's `train` stage ($SO8T_PROFILE)
+    python -m services.stack ollama-import ollama-smoke       several stages, in order
+    python -m services.stack --print bake                     show the stage's upstream and command, run nothing
+    python -m services.stack --serve ollama [-- EXTRA ARGS]   exec the think API on what the chain made
+    python -m services.stack --config configs/pipeline/x.yaml train     another profile file
 
+The profile is `--config`, else configs/pipeline/$SO8T_PROFILE.yaml (compose sets SO8T_PROFILE in every container).
 A stage's command, its upstream and every path come from the chain's one description (services/pipeline/plan.py:
 the profile and shared.layout); EXTRA ARGS (what `docker compose run <service> ...` appends) go to the last
 command. When a stage's command ends, its finish marker (`<run>/stack/<stage>.json`: pipeline id, exit code)
-tells the stages after it. Any command can be wrapped the same way: `--name NAME [--after NAME=DIR] -- COMMAND`
-(several commands separated by a literal `&&` argument).
-Environment: SO8T_PIPELINE_ID (set by `make pipeline`), SO8T_WAIT_TIMEOUT (default 7d; 0 = look once and fail at
-once), SO8T_WAIT_INTERVAL (default 10s), SO8T_STACK_DIR (only for --name).
+tells the stages after it. `--serve llamacpp` first waits for the converter's GGUFs. Any command can be wrapped the
+same way: `--name NAME [--after NAME=DIR] -- COMMAND` (several commands separated by a literal `&&` argument).
+Environment: SO8T_PROFILE, SO8T_PIPELINE_ID (set by `make pipeline`), SO8T_WAIT_TIMEOUT (default 7d; 0 = look once
+and fail at once), SO8T_WAIT_INTERVAL (default 10s), SO8T_STACK_DIR (only for --name).
 """
 
 from __future__ import annotations
@@ -19,24 +21,30 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+
+PROFILES = Path("configs") / "pipeline"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--config",
-        metavar="PROFILE",
-        help="pipeline profile (configs/pipeline/<profile>.yaml): run the named stages of its chain",
+        "--config", metavar="PROFILE_FILE", help="pipeline profile file (default: configs/pipeline/$SO8T_PROFILE.yaml)"
     )
-    p.add_argument("--print", action="store_true", help="with --config: print each stage's upstream and commands")
-    p.add_argument("--serve", action="store_true", help="with --config: exec the think API on the profile's model")
-    p.add_argument("--name", help="without --config: this command's stage name (its finish marker's name)")
+    p.add_argument("--print", action="store_true", help="print each stage's upstream and commands, run nothing")
+    p.add_argument(
+        "--serve",
+        choices=("ollama", "llamacpp"),
+        metavar="BACKEND",
+        help="exec the think API on the profile's model: its Ollama tag, or its GGUF through llama.cpp",
+    )
+    p.add_argument("--name", help="wrap a command of your own: its stage name (its finish marker's name)")
     p.add_argument(
         "--after",
         action="append",
         default=[],
         metavar="NAME[=DIR]",
-        help="without --config: upstream stage that must be done first: its manifest.json in DIR, and, "
-        "under a pipeline id, its finish marker from this pipeline; repeat for several",
+        help="with --name: upstream stage that must be done first: its manifest.json in DIR, and, under "
+        "a pipeline id, its finish marker from this pipeline; repeat for several",
     )
     p.add_argument(
         "--timeout",
@@ -47,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--stack-dir",
         default=None,
-        help="finish markers (default <run>/stack with --config, else $SO8T_STACK_DIR or $DATA_DIR/stack)",
+        help="finish markers (default <run>/stack, or with --name $SO8T_STACK_DIR or $DATA_DIR/stack)",
     )
     p.add_argument(
         "words",
@@ -65,7 +73,19 @@ def _split(words: list[str]) -> tuple[list[str], list[str]]:
     return words, []
 
 
-def profile_jobs(profile: str, names: list[str], extra: list[str], layout=None):
+def profile_path(config: str | None) -> Path:
+    """--config, else configs/pipeline/$SO8T_PROFILE.yaml."""
+    from shared.errors import InputError
+
+    if config:
+        return Path(config)
+    name = os.environ.get("SO8T_PROFILE", "").strip()
+    if not name:
+        raise InputError("no profile: give --config configs/pipeline/<profile>.yaml or set SO8T_PROFILE")
+    return PROFILES / f"{name}.yaml"
+
+
+def profile_jobs(profile: str | Path, names: list[str], extra: list[str], layout=None):
     """The named stages of the profile's chain as jobs (EXTRA appended to the last command), and the stack dir."""
     from services.pipeline.config import PipelineConfig
     from services.pipeline.plan import plan, stage
@@ -84,45 +104,26 @@ def profile_jobs(profile: str, names: list[str], extra: list[str], layout=None):
     return jobs, layout.run(cfg.run_id).stack
 
 
-def serve_argv(profile: str, extra: list[str], layout=None) -> list[str]:
+def serve_job(profile: str | Path, backend: str, extra: list[str], layout=None):
+    """The think API as a job: what it waits for (the GGUFs, for llamacpp) and its command."""
     from services.pipeline.config import PipelineConfig
-    from services.pipeline.plan import serve_command
+    from services.pipeline.plan import plan, serve_command
+    from services.stack.wait import Job, Upstream
     from shared.config import load_config
     from shared.layout import Layout
 
-    return [*serve_command(load_config(PipelineConfig, profile), layout or Layout.from_env()), *extra]
+    cfg = load_config(PipelineConfig, profile)
+    layout = layout or Layout.from_env()
+    convert = next(s for s in plan(cfg, layout) if s.name == "convert")
+    after = [Upstream("convert", convert.output)] if backend == "llamacpp" else []
+    return Job("think-api", after, [[*serve_command(cfg, layout, backend), *extra]]), layout.run(cfg.run_id).stack
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from services.stack.wait import Job, Upstream, run_jobs, split_commands, stack_dir_from_env
+    from services.stack.wait import Job, Upstream, run_jobs, split_commands, stack_dir_from_env, wait_for_job
 
     head, tail = _split(args.words)
-    if args.config:
-        if args.serve:
-            argv = serve_argv(args.config, tail)
-            print("exec:", " ".join(argv), file=sys.stderr, flush=True)
-            os.execv(argv[0], argv)
-        try:
-            jobs, stack_dir = profile_jobs(args.config, head, tail)
-        except KeyError as err:
-            print(f"python -m services.stack: {err.args[0]}", file=sys.stderr)
-            return 2
-        if not jobs:
-            print("python -m services.stack: name the stage(s) of the chain to run", file=sys.stderr)
-            return 2
-        if args.print:
-            for j in jobs:
-                print(f"{j.name}: after {', '.join(u.describe() for u in j.upstreams) or 'nothing'}")
-                print("\n".join("  " + " ".join(c) for c in j.commands))
-            return 0
-    else:
-        if not args.name:
-            print(
-                "python -m services.stack: give --config PROFILE STAGE..., or --name NAME -- COMMAND", file=sys.stderr
-            )
-            return 2
+    if args.name:
         try:
             jobs = [Job(args.name, [Upstream.parse(s) for s in args.after], split_commands(tail) if tail else [])]
         except ValueError as err:
@@ -131,7 +132,30 @@ def run(args: argparse.Namespace) -> int:
         if not jobs[0].commands:
             print("python -m services.stack: no command given (put it after --)", file=sys.stderr)
             return 2
-        stack_dir = Path(args.stack_dir) if args.stack_dir else stack_dir_from_env()
-    if args.stack_dir:
-        stack_dir = Path(args.stack_dir)
-    return run_jobs(jobs, stack_dir, args.timeout, args.interval)
+        stack_dir = stack_dir_from_env()
+    elif args.serve:
+        job, stack_dir = serve_job(profile_path(args.config), args.serve, tail)
+        if args.print:
+            jobs = [job]
+        else:
+            code = wait_for_job(job, Path(args.stack_dir) if args.stack_dir else stack_dir, args.timeout, args.interval)
+            if code:
+                return code
+            argv = job.commands[0]
+            print("exec:", " ".join(argv), file=sys.stderr, flush=True)
+            os.execv(argv[0], argv)
+    else:
+        try:
+            jobs, stack_dir = profile_jobs(profile_path(args.config), head, tail)
+        except KeyError as err:
+            print(f"python -m services.stack: {err.args[0]}", file=sys.stderr)
+            return 2
+        if not jobs:
+            print("python -m services.stack: name the stage(s) of the chain to run", file=sys.stderr)
+            return 2
+    if args.print:
+        for j in jobs:
+            print(f"{j.name}: after {', '.join(u.describe() for u in j.upstreams) or 'nothing'}")
+            print("\n".join("  " + " ".join(c) for c in j.commands))
+        return 0
+    return run_jobs(jobs, Path(args.stack_dir) if args.stack_dir else stack_dir, args.timeout, args.interval)

@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -229,34 +230,52 @@ class Job:
     commands: list[list[str]]
 
 
-def run_jobs(jobs: Sequence[Job], stack_dir: Path, timeout: str, interval: str) -> int:
-    """Each job in turn: wait for its upstreams, run its commands, leave its finish marker; stop at a failure."""
+def _durations(timeout: str, interval: str) -> tuple[float, float] | None:
     try:
-        limit, every = parse_duration(timeout), parse_duration(interval)
+        return parse_duration(timeout), parse_duration(interval)
     except ValueError as err:
         log.error("%s", err)
+        return None
+
+
+def _wait(job: Job, stack_dir: Path, limit: float, every: float, pipeline_id: str) -> bool:
+    reason = wait_for(
+        job.upstreams, name=job.name, stack_dir=stack_dir, pipeline_id=pipeline_id, timeout=limit, interval=every
+    )
+    if reason is None:
+        return True
+    hint = (
+        "run that stage first (make <stage>)"
+        if limit == 0
+        else "check the upstream's logs (make logs) or raise SO8T_WAIT_TIMEOUT"
+    )
+    log.error(
+        "%s gave up waiting after %s: %s; %s", job.name, format_duration(limit) if limit else "one look", reason, hint
+    )
+    return False
+
+
+def wait_for_job(job: Job, stack_dir: Path, timeout: str, interval: str) -> int:
+    """Wait for `job`'s upstreams only (before an exec); 0, or the exit code that says why not."""
+    durations = _durations(timeout, interval)
+    if durations is None:
+        return 2
+    signal.signal(signal.SIGTERM, lambda signum, _f: sys.exit(128 + signum))  # docker stop while waiting
+    ok = _wait(job, stack_dir, *durations, os.environ.get("SO8T_PIPELINE_ID", "").strip())
+    return 0 if ok else EX_TEMPFAIL
+
+
+def run_jobs(jobs: Sequence[Job], stack_dir: Path, timeout: str, interval: str) -> int:
+    """Each job in turn: wait for its upstreams, run its commands, leave its finish marker; stop at a failure."""
+    durations = _durations(timeout, interval)
+    if durations is None:
         return 2
     pipeline_id = os.environ.get("SO8T_PIPELINE_ID", "").strip()
     forwarder = Forwarder()
     forwarder.install()
     for job in jobs:
         started = time.time()
-        reason = wait_for(
-            job.upstreams, name=job.name, stack_dir=stack_dir, pipeline_id=pipeline_id, timeout=limit, interval=every
-        )
-        if reason is not None:
-            hint = (
-                "run that stage first (make <stage>)"
-                if limit == 0
-                else "check the upstream's logs (make logs) or raise SO8T_WAIT_TIMEOUT"
-            )
-            log.error(
-                "%s gave up waiting after %s: %s; %s",
-                job.name,
-                format_duration(limit) if limit else "one look",
-                reason,
-                hint,
-            )
+        if not _wait(job, stack_dir, *durations, pipeline_id):
             return EX_TEMPFAIL
         code = run_commands(job.commands, forwarder)
         path = write_marker(stack_dir, job.name, pipeline_id, code, job.commands, started)
