@@ -108,6 +108,12 @@ class TrainSection(StrictModel):
     seq_len: int = Field(2048, ge=8)
     batch_size: int = Field(1, gt=0)
     grad_accum: int = Field(16, gt=0)
+    packing: bool = Field(
+        False,
+        description="pack the batch_size × grad_accum records of each optimizer step (per process) first-fit into "
+        "rows of at most seq_len tokens, one row per forward, attention block-diagonal per record: no padding and "
+        "fewer, fuller forwards; the same records, losses and normalisation per step as without packing",
+    )
     seed: Seed = 42
     # train on a seeded random subset of this many records (the fast profile's optional sampling)
     sample: int | None = Field(None, gt=0)

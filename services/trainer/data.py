@@ -8,6 +8,15 @@ ids are exactly those of tokenising the whole text once (as llama.cpp and Ollama
 
 Order: epoch e visits the examples in a permutation seeded by (seed, e), `batch_size` at a time; micro-batch j
 of the endless stream is a pure function of j, so a resumed run continues at the saved stream position.
+
+Forwards (`micro_batches`): without packing each micro-batch is one forward, its records right-padded to the
+longest. With packing (`train.packing`) the records a process handles in one optimizer step are packed first-fit,
+in stream order, into rows of at most `seq_len` tokens, one row per forward: positions restart at 0 for each
+record, so transformers' Phi-3 attends block-diagonally (its padding-free path: no attention mask, the record
+boundaries read from `position_ids`), each record's first label is IGNORE (nothing predicts across a boundary)
+and `segments` tells PET where each record starts and ends. The packing is a pure function of the step's
+records, so the stream order, exact resume and the optimizer step (same records, same normalisation) are those
+of the unpacked run.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shared import logs
 from shared.errors import InputError
@@ -41,6 +51,11 @@ class Example:
     def n_targets(self) -> int:
         """Positions that contribute to the loss (a label at position 0 has no previous token to predict it)."""
         return sum(1 for t in self.labels[1:] if t != IGNORE)
+
+    @property
+    def has_pet(self) -> bool:
+        """Whether the record has a PET term (three tokens in a row)."""
+        return len(self.input_ids) >= 3
 
 
 def _messages(value, where: str) -> list[dict]:
@@ -204,3 +219,108 @@ def collate(examples: Sequence[Example], pad_id: int):
         labels[r, :n] = torch.tensor(e.labels)
         mask[r, :n] = 1
     return ids, mask, labels
+
+
+# --- forwards: padded micro-batches or packed rows ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The tensors of one forward. `segments` [B, T]: 0 on padding, s > 0 on the tokens of the batch's s-th record.
+    Unpacked: `attention_mask` set, `position_ids` None (0, 1, … per row). Packed: `position_ids` restart at 0 per
+    record and `attention_mask` is None (transformers then derives block-diagonal attention from the positions)."""
+
+    input_ids: Any
+    labels: Any
+    segments: Any
+    attention_mask: Any = None
+    position_ids: Any = None
+
+    @property
+    def real_tokens(self) -> int:
+        return int((self.segments != 0).sum())
+
+    def to(self, device) -> Batch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(
+            *(move(t) for t in (self.input_ids, self.labels, self.segments, self.attention_mask, self.position_ids))
+        )
+
+    def inputs(self) -> dict[str, Any]:
+        """Keyword arguments of Objective.forward."""
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "labels": self.labels,
+            "position_ids": self.position_ids,
+            "segments": self.segments,
+        }
+
+
+def padded(examples: Sequence[Example], pad_id: int) -> Batch:
+    """One forward of whole records, one per row, right-padded (`collate`)."""
+    import torch
+
+    ids, mask, labels = collate(examples, pad_id)
+    segments = mask * torch.arange(1, len(examples) + 1).unsqueeze(1)
+    return Batch(ids, labels, segments, attention_mask=mask)
+
+
+def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit packing: item i (in order) goes into the first row that still has `lengths[i]` free, else into a
+    new row. Returns each row's item indices (rows in the order they were opened, items in order within a row).
+    Every length must be at most `capacity`."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i, n in enumerate(lengths):
+        if n > capacity:
+            raise ValueError(f"item {i} has {n} tokens, more than a row's {capacity}")
+        for r, room in enumerate(free):
+            if n <= room:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(capacity - n)
+    return rows
+
+
+def packed(rows: Sequence[Sequence[Example]], pad_id: int) -> Batch:
+    """Rows of several records each: positions restart at 0 per record, each record's first label is IGNORE (the
+    previous record's last token does not predict it), segments number the records 1, 2, … across the batch.
+    Rows shorter than the longest are padded at the end; the padding is a sequence of its own (positions 0, 1, …)
+    with label IGNORE and segment 0, so no real token attends to it."""
+    import torch
+
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    shape = (len(rows), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE, dtype=torch.long)
+    segments = torch.zeros(shape, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    seg = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e.input_ids)
+            seg += 1
+            ids[r, at : at + n] = torch.tensor(e.input_ids)
+            labels[r, at + 1 : at + n] = torch.tensor(e.labels[1:], dtype=torch.long)
+            segments[r, at : at + n] = seg
+            positions[r, at : at + n] = torch.arange(n)
+            at += n
+        positions[r, at:] = torch.arange(width - at)
+    return Batch(ids, labels, segments, position_ids=positions)
+
+
+def micro_batches(groups: Sequence[Sequence[Example]], packing: bool, seq_len: int, pad_id: int) -> list[Batch]:
+    """The forwards of one process for one optimizer step. `groups`: its micro-batches of the stream, in order.
+
+    Without packing: one padded forward per micro-batch. With packing: all their records, in order, packed first-fit
+    into rows of at most `seq_len` tokens, one row per forward."""
+    if not packing:
+        return [padded(g, pad_id) for g in groups]
+    records = [e for g in groups for e in g]
+    rows = first_fit([len(e.input_ids) for e in records], seq_len)
+    return [packed([[records[i] for i in row]], pad_id) for row in rows]

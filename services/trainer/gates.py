@@ -97,23 +97,70 @@ def attach_gates(
     return out
 
 
-def precompute_rotations(gates: dict[int, SO8Gate]) -> torch.Tensor:
-    """Compute every gate's rotation in one batched matrix_exp and hand it to the hooks; returns all R [Σk, 8, 8].
-
-    The trainer calls this once per forward: one exponential for all layers instead of one per layer (and per
-    gradient-checkpoint recompute, which reuses these tensors). A hook ignores the cache once the optimizer has
-    changed A (the version counter moves), so a stale rotation is never applied.
-    """
-    if not gates:
-        return torch.zeros(0, BLOCK, BLOCK)
+def _batched(gates: dict[int, SO8Gate]) -> torch.Tensor:
+    """Every gate's rotation, [Σk, 8, 8], in one matrix_exp (per device when the gates are spread over several)."""
     As = [g.A for g in gates.values()]
-    R = rotations(torch.cat(As)) if len({a.device for a in As}) == 1 else torch.cat([rotations(a) for a in As])
+    return rotations(torch.cat(As)) if len({a.device for a in As}) == 1 else torch.cat([rotations(a) for a in As])
+
+
+def _hand_out(gates: dict[int, SO8Gate], R: torch.Tensor) -> None:
     start = 0
     for g in gates.values():
         k = g.A.shape[0]
         g.use_rotation(R[start : start + k])
         start += k
+
+
+def precompute_rotations(gates: dict[int, SO8Gate]) -> torch.Tensor:
+    """Compute every gate's rotation in one batched matrix_exp and hand it to the hooks; returns all R [Σk, 8, 8].
+
+    For a forward outside a training step (validation, tests): one exponential for all layers instead of one per
+    layer (and per gradient-checkpoint recompute, which reuses these tensors). A hook ignores the cache once the
+    optimizer has changed A (the version counter moves), so a stale rotation is never applied.
+    """
+    if not gates:
+        return torch.zeros(0, BLOCK, BLOCK)
+    R = _batched(gates)
+    _hand_out(gates, R)
     return R
+
+
+class StepRotations:
+    """The rotations of one optimizer step: computed once, shared by every forward of the step, differentiated once.
+
+    A does not change within a step, so every micro-batch rotates with the same R. The gates are handed `leaf`, a
+    detached copy of R that collects ∂loss/∂R over all the step's forwards; `backward` then turns the sum into
+    ∂loss/∂A with one matrix_exp backward (the chain rule is linear in ∂loss/∂R, so this is the gradient the
+    per-forward graphs would give, up to float rounding). That removes the exponential and its backward (the
+    gate's largest cost) from every forward but one per step.
+
+    The orthogonality regulariser depends on A only: `backward` adds its gradient once, for the whole step.
+    Under DDP the gate parameters stay outside DDP's reducer (`Run.build`); `backward(average=…)` averages
+    ∂loss/∂R over the ranks instead, so every rank applies the same update.
+    """
+
+    def __init__(self, gates: dict[int, SO8Gate]):
+        self.gates = gates
+        self.R = _batched(gates)
+        self.leaf = self.R.detach().requires_grad_()
+        _hand_out(gates, self.leaf)
+
+    def orthogonality(self) -> float:
+        return float(orthogonality_error(self.leaf.detach()))
+
+    def backward(self, ortho_weight: float, average=None, scale=None) -> None:
+        """A.grad += ∂(step loss)/∂A. `average`: in-place mean over DDP ranks of a tensor; `scale`: the fp16 grad
+        scaler's scale (the leaf's gradient is scaled already, the regulariser's is scaled here)."""
+        grad = self.leaf.grad if self.leaf.grad is not None else torch.zeros_like(self.leaf)
+        if average is not None:
+            grad = average(grad)
+        surrogate = (self.R * grad).sum()
+        if ortho_weight:
+            reg = ortho_weight * orthogonality_error(self.R)
+            surrogate = surrogate + (scale(reg) if scale is not None else reg)
+        surrogate.backward()
+        clear_rotations(self.gates)
+        self.leaf.grad = None
 
 
 def clear_rotations(gates: dict[int, SO8Gate]) -> None:

@@ -1,13 +1,17 @@
 """The training run: resume or start, loop over optimizer steps, checkpoint, write the final artifact.
 
 Per optimizer step the global window is `grad_accum × world_size` micro-batches of the data stream; rank r
-takes every world_size-th one. Losses are normalised over the window, so one process with accumulation a·w
-and w DDP processes with accumulation a compute the same update:
+takes every world_size-th one. Losses are normalised over the window's records, so one process with
+accumulation a·w and w DDP processes with accumulation a compute the same update, and so does the same run with
+`train.packing` (the records of a rank's share packed into rows of at most seq_len tokens: fewer, fuller
+forwards, the same sums):
 
     total = LM + λ(step)·PET + orthogonal_reg·ortho
     LM    = Σ token cross-entropy over assistant tokens in the window / their count
-    PET   = mean over the window's micro-batches of shared.pet.pet_loss(last hidden states, attention mask)
+    PET   = mean over the window's records of each record's mean PET penalty (shared.pet.pet_sequence_sum)
     ortho = mean over gated layers of mean ‖RᵀR − I‖²
+
+The gates' rotations are computed once per step and differentiated once per step (gates.StepRotations).
 
 Exact resume: everything that decides the next update is in the checkpoint (adapter, gates, optimizer,
 scheduler, grad scaler, every rank's RNG states, the step and the stream position), and nothing about the
@@ -29,7 +33,7 @@ from services.trainer import artifact, checkpoint, data
 from services.trainer import model as mdl
 from services.trainer.config import TrainConfig
 from services.trainer.distributed import Dist, fingerprint
-from services.trainer.gates import attach_gates, clear_rotations, gate_tensors
+from services.trainer.gates import StepRotations, attach_gates, clear_rotations, gate_tensors
 from services.trainer.metrics import MetricsSink
 from services.trainer.objective import Objective
 from services.trainer.validation import Validation
@@ -120,7 +124,7 @@ class Run:
         total = data.total_steps(order.per_epoch, cfg.train.epochs, world, accum, cfg.train.max_steps)
         pet = PetSchedule(total, [Phase(p.name, p.fraction, p.weight) for p in cfg.pet.phases])
         log.info(
-            "data: %d records (%d tokens, %d truncated, %d skipped) from %s; %d steps of %d×%d×%d sequences",
+            "data: %d records (%d tokens, %d truncated, %d skipped) from %s; %d steps of %d×%d×%d records%s",
             len(ds.examples),
             ds.tokens,
             ds.truncated,
@@ -130,6 +134,7 @@ class Run:
             cfg.train.batch_size,
             accum,
             world,
+            f", packed into rows of at most {cfg.train.seq_len} tokens" if cfg.train.packing else "",
         )
 
         base_model = mdl.load_base(cfg.model, self.base, dev)
@@ -153,6 +158,10 @@ class Run:
         if self.dist.active:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
+            # the gates get their gradient once per step, after the forwards (StepRotations.backward averages it
+            # over the ranks): DDP's reducer must not wait for it
+            ignored = [n for n, p in objective.named_parameters() if id(p) in gate_ids]
+            DDP._set_params_and_buffers_to_ignore_for_model(objective, ignored)
             forward = DDP(objective, device_ids=[dev.index] if dev.type == "cuda" else None)
         validation = None
         if cfg.train.eval_steps and self.val_dataset is not None:
@@ -295,27 +304,34 @@ class Run:
 
     def step(self, s: State, step: int, position: int) -> dict[str, Any]:
         """One optimizer step over the global window of micro-batches starting at stream `position`."""
-        cfg, dev, world, accum = self.cfg, self.dist.device, self.dist.world, self.cfg.train.grad_accum
+        cfg, dev, world = self.cfg, self.dist.device, self.dist.world
         phase = s.pet.phase(step)
         lam = phase.weight if cfg.pet.enabled else 0.0
         reg = cfg.gates.orthogonal_reg if s.gates else 0.0
-        window = [s.order.micro_batch(position + k) for k in range(accum * world)]
-        targets = sum(s.data.examples[i].n_targets for mb in window for i in mb)
+        window = [
+            [s.data.examples[i] for i in s.order.micro_batch(position + k)] for k in range(cfg.train.grad_accum * world)
+        ]
+        targets = sum(e.n_targets for mb in window for e in mb)
+        sequences = max(1, sum(e.has_pet for mb in window for e in mb))
         mine = window[self.dist.rank :: world]
-        sums = torch.zeros(5, dtype=torch.float64)  # lm_sum, pet, ortho, correct, tokens
-        pad = s.tokenizer.pad_token_id
-        for k, idx in enumerate(mine):
-            ids, mask, labels = (t.to(dev) for t in data.collate([s.data.examples[i] for i in idx], pad))
-            sync = k == len(mine) - 1
+        batches = data.micro_batches(mine, cfg.train.packing, cfg.train.seq_len, s.tokenizer.pad_token_id)
+        rotations = s.objective.step = StepRotations(s.gates) if s.gates else None
+        sums = torch.zeros(4, dtype=torch.float64)  # lm_sum, pet_sum, correct, real tokens
+        for k, batch in enumerate(batches):
+            sync = k == len(batches) - 1
             ctx = s.forward.no_sync() if self.dist.active and not sync else contextlib.nullcontext()
             with ctx:
                 with torch.autocast(dev.type, dtype=s.amp_dtype, enabled=s.use_amp):
-                    lm_sum, pet, ortho, correct = s.forward(ids, mask, labels)
-                loss = lm_sum * (world / targets) + (lam / accum) * pet + (reg / accum) * ortho
+                    lm_sum, pet, _, correct = s.forward(**batch.to(dev).inputs())
+                loss = lm_sum * (world / targets) + (lam * world / sequences) * pet
                 (s.scaler.scale(loss) if s.scaler else loss).backward()
-            sums += torch.tensor(
-                [lm_sum.item(), pet.item(), ortho.item(), correct.item(), mask.sum().item()], dtype=torch.float64
-            )
+            sums += torch.tensor([lm_sum.item(), pet.item(), correct.item(), batch.real_tokens], dtype=torch.float64)
+        ortho_v = 0.0
+        if rotations is not None:
+            ortho_v = rotations.orthogonality()
+            average = (lambda g: self.dist.sum_(g).div_(world)) if self.dist.active else None
+            rotations.backward(reg, average, s.scaler.scale if s.scaler else None)
+            s.objective.step = None
         if s.scaler:
             s.scaler.unscale_(s.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(s.trainable, cfg.optim.max_grad_norm or float("inf")).item()
@@ -328,8 +344,7 @@ class Run:
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
         self.dist.sum_(sums)
-        n = len(window)
-        lm, pet_v, ortho_v = sums[0].item() / targets, sums[1].item() / n, sums[2].item() / n
+        lm, pet_v = sums[0].item() / targets, sums[1].item() / sequences
         return {
             "total": lm + lam * pet_v + reg * ortho_v,
             "lm": lm,
@@ -339,8 +354,10 @@ class Run:
             "phase": phase.name,
             "lr": lr,
             "grad_norm": grad_norm,
-            "accuracy": sums[3].item() / targets,
-            "tokens": int(sums[4].item()),
+            "accuracy": sums[2].item() / targets,
+            "tokens": int(sums[3].item()),
+            "records": sum(len(mb) for mb in window),
+            "forwards": len(batches),
         }
 
     def loop(self, s: State, start: Resumed) -> dict[str, Any]:

@@ -2,6 +2,10 @@
 
 Wrapped as a module so DDP sees one forward. The LM head runs only on positions that carry a label (the
 assistant tokens), not on the whole sequence: same loss, a fraction of the [tokens x vocab] logits.
+
+A padded batch comes with an attention mask; a packed one (services.trainer.data.packed) with `position_ids` that
+restart at 0 for each record and no mask, which transformers' Phi-3 turns into block-diagonal attention.
+`segments` (0 = padding, s = record s) bounds PET's second differences to one record each.
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.trainer.data import IGNORE
-from services.trainer.gates import orthogonality, precompute_rotations
-from shared.pet import pet_loss
+from services.trainer.gates import StepRotations, orthogonality, precompute_rotations
+from shared.pet import pet_sequence_sum
 
 
 class Objective(nn.Module):
@@ -21,12 +25,25 @@ class Objective(nn.Module):
         self.model = model  # the PEFT model (gates are already submodules of it)
         self._gates = dict(gates)  # a plain dict: not registered twice
         self.pet_enabled, self.huber_delta = pet_enabled, huber_delta
+        self.step: StepRotations | None = None  # set by the training loop for the forwards of one optimizer step
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-        """Returns (sum of token cross-entropies, PET penalty, orthogonality, correct greedy predictions)."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+    ):
+        """Returns (sum of token cross-entropies, Σ over records of each record's PET mean, orthogonality, correct
+        greedy predictions). Without `segments`, each row of `attention_mask` is one record."""
         causal = self.model.get_base_model()
-        R = precompute_rotations(self._gates) if self._gates else None
-        hidden = causal.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        R = None
+        if self._gates:
+            R = self.step.leaf if self.step is not None else precompute_rotations(self._gates)
+        hidden = causal.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         targets = labels[:, 1:]
         picked = targets != IGNORE
         logits = causal.lm_head(hidden[:, :-1][picked]).float()
@@ -34,6 +51,12 @@ class Objective(nn.Module):
         lm_sum = F.cross_entropy(logits, wanted, reduction="sum")
         correct = (logits.detach().argmax(-1) == wanted).sum()
         zero = hidden.new_zeros((), dtype=torch.float32)
-        pet = pet_loss(hidden, attention_mask, self.huber_delta) if self.pet_enabled else zero
-        ortho = orthogonality(self._gates, R) if self._gates else zero
+        pet = zero
+        if self.pet_enabled:
+            if segments is None:
+                rows = torch.arange(1, input_ids.shape[0] + 1, device=input_ids.device).unsqueeze(1)
+                segments = attention_mask * rows
+            pet = pet_sequence_sum(hidden, segments, self.huber_delta)
+        # in a training step the loop adds the regulariser once per step (StepRotations.backward)
+        ortho = orthogonality(self._gates, R) if self._gates and self.step is None else zero
         return lm_sum, pet, ortho, correct
