@@ -1,5 +1,6 @@
 """DDP: the same command under torchrun with two CPU processes (gloo) trains the tiny model, the ranks stay in
-sync, and the result matches one process that accumulates the same global batch."""
+sync, and the result matches one process that accumulates the same global batch, with and without packing (with
+packing each rank packs its own records, the single process all of them: other rows, the same update)."""
 
 from __future__ import annotations
 
@@ -21,15 +22,16 @@ pytestmark = pytest.mark.slow
 STEPS = 4
 
 
-def _settings(grad_accum: int) -> dict:
+def _settings(grad_accum: int, packing: bool = False) -> dict:
     return dict(
         train={
             "max_steps": STEPS,
-            "seq_len": 320,
-            "batch_size": 1,
+            "seq_len": 1024 if packing else 320,
+            "batch_size": 2 if packing else 1,  # packing: 2 records per rank and step, 4 in the single process
             "grad_accum": grad_accum,
             "num_threads": 1,
             "deterministic": True,
+            "packing": packing,
         },
         lora={"dropout": 0.0},
         checkpoint={"save_steps": 2, "keep": 2, "save_minutes": None},
@@ -42,7 +44,8 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
-def test_two_gloo_processes_stay_in_sync_and_match_one_process(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_two_gloo_processes_stay_in_sync_and_match_one_process(tmp_path, tiny_model_dir, packing):
     ds = write_dataset(tmp_path / "train.jsonl")
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     torchrun = [
@@ -54,7 +57,7 @@ def test_two_gloo_processes_stay_in_sync_and_match_one_process(tmp_path, tiny_mo
         "-m",
         "services.trainer",
     ]
-    cmd = trainer_cmd(tiny_train_config(tmp_path / "ddp.yaml", **_settings(1)), ds, ddp_out, tiny_model_dir)
+    cmd = trainer_cmd(tiny_train_config(tmp_path / "ddp.yaml", **_settings(1, packing)), ds, ddp_out, tiny_model_dir)
     r = _run(torchrun + cmd[3:])
     assert r.returncode == 0, r.stderr[-4000:]
     m = json.loads((ddp_out / "final" / "manifest.json").read_text())
@@ -65,7 +68,8 @@ def test_two_gloo_processes_stay_in_sync_and_match_one_process(tmp_path, tiny_mo
     rng = torch.load(ddp_out / "checkpoints" / "checkpoint-4" / "training_state.pt", weights_only=True)["rng"]
     assert len(rng) == 2  # every rank's RNG state is in the checkpoint
 
-    r = _run(trainer_cmd(tiny_train_config(tmp_path / "one.yaml", **_settings(2)), ds, single_out, tiny_model_dir))
+    one = tiny_train_config(tmp_path / "one.yaml", **_settings(2, packing))
+    r = _run(trainer_cmd(one, ds, single_out, tiny_model_dir))
     assert r.returncode == 0, r.stderr[-4000:]
     a = load_file(str(ddp_out / "final" / "adapter_model.safetensors"))
     b = load_file(str(single_out / "final" / "adapter_model.safetensors"))

@@ -242,3 +242,25 @@ def test_validation_changes_nothing_about_the_trajectory(setup, tmp_path):
     assert _run(trainer_cmd(cfg, setup["ds"], out, setup["base"]), tmp_path / "noval.log") == 0
     _assert_bitwise_equal(_final_tensors(out / "final"), setup["ref"])
     assert json.loads((out / "final" / "manifest.json").read_text())["metrics"]["validation"] is None
+
+
+def test_packed_run_killed_after_a_checkpoint_resumes_bitwise(tmp_path, tiny_model_dir):
+    """train.packing: each step's records packed into rows (dropout on, so the RNG state must come back exactly);
+    killed right after checkpoint-4 and in the middle of checkpoint-6, restarted, it ends bitwise where an
+    uninterrupted packed run ends."""
+    ds = write_dataset(tmp_path / "train.jsonl")
+    packed = dict(
+        SETTINGS,
+        train={**SETTINGS["train"], "max_steps": 8, "seq_len": 1024, "packing": True, "eval_steps": None},
+    )
+    cfg = tiny_train_config(tmp_path / "packed.yaml", **packed)
+    ref = tmp_path / "reference"
+    assert _run(trainer_cmd(cfg, ds, ref, tiny_model_dir), tmp_path / "ref.log") == 0
+    out = tmp_path / "killed"
+    cmd = trainer_cmd(cfg, ds, out, tiny_model_dir)
+    assert _run(cmd, tmp_path / "k1.log", fault="checkpoint-done:4") == -signal.SIGKILL
+    assert _run(cmd, tmp_path / "k2.log", fault="checkpoint-write:6") == -signal.SIGKILL
+    assert _run(cmd, tmp_path / "k3.log") == 0, (tmp_path / "k3.log").read_text()[-3000:]
+    assert "resuming from checkpoint-4: step 4/8" in (tmp_path / "k3.log").read_text()
+    _assert_bitwise_equal(_final_tensors(out / "final"), _final_tensors(ref / "final"))
+    assert "packed into rows of at most 1024 tokens" in (tmp_path / "ref.log").read_text()
