@@ -59,6 +59,7 @@ class StandInOllama:
 
     def __init__(self, stall_s: float = 3.0):
         self.mode, self.stall_s = "ok", stall_s
+        self.pace_s = 0.0  # > 0: streamed pieces one at a time, this far apart (a model's pace)
         self.generates: list[dict] = []
         self.httpd: ThreadingHTTPServer | None = None
         self.port = 0
@@ -140,7 +141,14 @@ class StandInOllama:
                 h.wfile.write(b"{not json\n")
                 return
             time.sleep(self.stall_s)
-        h.wfile.write(b"".join(lines if mode == "ok" else lines[half:]) + json.dumps(end).encode() + b"\n")
+        m = CASE_RE.search(req["prompt"])
+        pace = self.pace_s or (0.0005 if m and int(m.group(1)) % 32 == 0 else 0.0)  # one corpus case in 32 paced
+        for line in lines if pace else []:
+            h.wfile.write(line)
+            h.wfile.flush()
+            time.sleep(pace)
+        rest = [] if pace else lines if mode == "ok" else lines[half:]
+        h.wfile.write(b"".join(rest) + json.dumps(end).encode() + b"\n")
 
     def stop(self) -> None:
         if self.httpd:
@@ -268,6 +276,7 @@ def test_models_and_the_api_key(served, ok):
 def test_content_is_what_think_answers_streamed_or_not(served, standin, ok, fmt, label):
     text = good_reply(label, fmt=fmt)
     standin.reply = lambda prompt: text  # type: ignore[method-assign]
+    standin.pace_s = 0.002
     try:
         think = httpx.post(
             f"{served.url}/think", json={"prompt": "2+2は？"}, headers={"X-API-Key": KEY}, timeout=30
@@ -277,6 +286,7 @@ def test_content_is_what_think_answers_streamed_or_not(served, standin, ok, fmt,
         streamed, chunks = stream_text(c, "2+2は？", stream_options={"include_usage": True})
     finally:
         del standin.reply
+        standin.pace_s = 0.0
     assert whole.choices[0].message.content == streamed == think["answer"]
     assert think["answer"] == {"REFUSE": gate.REFUSAL, "ESCALATION": gate.HANDOFF}.get(label, think["answer"])
     info = whole.so8t  # the extension field (OpenAI clients keep it)
@@ -361,6 +371,7 @@ def test_a_stream_that_fails_a_check_ends_with_an_error_never_the_text(served, s
     final = "答えは 4 です。足し算をすると、二つの数は一つにまとまります。"
     text = good_reply(final=final) + f"\n依頼の内容: 計算 {SECRET}\n判定: ALLOW"  # thinking repeated after it
     standin.reply = lambda prompt: text  # type: ignore[method-assign]
+    standin.pace_s = 0.002  # as a model writes: the answer begins to stream before the repeat is written
     got = []
     try:
         stream = served.client().chat.completions.create(model=MODEL, messages=user("2+2は？"), stream=True)
@@ -369,6 +380,7 @@ def test_a_stream_that_fails_a_check_ends_with_an_error_never_the_text(served, s
                 got.append(ch.choices[0].delta.content or "")
     finally:
         del standin.reply
+        standin.pace_s = 0.0
     sent = "".join(got)
     assert err.value.code == "withheld" and err.value.message == gate.WITHHELD
     assert err.value.body["message"] == gate.WITHHELD  # the client keeps the error object as the body

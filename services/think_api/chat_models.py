@@ -30,6 +30,15 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = Field(None, max_length=200)  # accepted, not used
+    refusal: str | None = None  # what a client keeps of an earlier assistant turn; not used
+    tool_calls: list[Any] | None = None  # only empty: this server calls no tools
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise ValueError("tool calls are not supported by this server")
+        return value
 
     @property
     def text(self) -> str:

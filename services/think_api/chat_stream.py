@@ -174,7 +174,7 @@ async def _events(pump: BackendPump, first: Any, st: _Stream, keepalive_s: float
         item, last_sent = first, time.monotonic()
         while True:
             if isinstance(item, str):
-                text = st.gate.feed(item)
+                text = st.gate.feed(item + pump.more_text())  # one check for what arrived meanwhile
                 if st.gate.failure is not None:
                     break
                 if text:
