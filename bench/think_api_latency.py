@@ -1,7 +1,7 @@
 """Latency of the think API, loopback: what it adds over its backend, and when the answer's first byte arrives.
 
-    python bench/think_api_latency.py [--backend fixed llamacpp] [--requests 320] [--clients 1 16] [--gguf FILE]
-                                      [--stream-requests 40]
+    python bench/think_api_latency.py [--backend fixed llamacpp] [--tables 1 2] [--requests 320] [--clients 1 16]
+                                      [--gguf FILE] [--stream-requests 40]
 
 Table 1, the API's own cost: p50/p99 at 1 and 16 concurrent clients. Backends: `fixed` is the FIXED-OUTPUT
 backend (not a model; a preset well-formed /think reply, so the number is the API's own cost: HTTP, JSON,
@@ -155,10 +155,13 @@ def streaming_bench(name: str, backend, requests: int, max_tokens: int, work: Pa
     ):
         for _, path, body, stream in modes:  # warm up
             first_byte_and_total(client, path, body, stream)
-        for label, path, body, stream in modes:
-            runs = [first_byte_and_total(client, path, body, stream) for _ in range(requests)]
-            answers = {a for _, _, a in runs}
-            first, total = [f for f, _, _ in runs], [t for _, t, _ in runs]
+        runs: dict[str, list[tuple[float, float, str]]] = {label: [] for label, *_ in modes}
+        for _ in range(requests):  # the modes take turns, so a busy machine slows each of them alike
+            for label, path, body, stream in modes:
+                runs[label].append(first_byte_and_total(client, path, body, stream))
+        for label, got in runs.items():
+            answers = {a for _, _, a in got}
+            first, total = [f for f, _, _ in got], [t for _, t, _ in got]
             out.append(
                 {
                     "backend": name,
@@ -210,38 +213,16 @@ def bench(name: str, backend, clients_list: list[int], total: int, max_tokens: i
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", nargs="+", choices=("fixed", "llamacpp"), default=["fixed", "llamacpp"])
-    ap.add_argument("--requests", type=int, default=320, help="requests per backend and client count (320)")
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--gguf", type=Path, default=None, help="GGUF for llamacpp (default: tiny random Phi-3, F16)")
-    ap.add_argument("--max-tokens", type=int, default=8, help="new tokens per llamacpp request (8)")
-    ap.add_argument("--stream-requests", type=int, default=40, help="requests per row of table 2 (40)")
-    args = ap.parse_args()
-    rows, stream_rows = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        for name in args.backend:
-            if name == "fixed":
-                backend = FixedOutputBackend(REPLY)
-            else:
-                backend = LlamaCppBackend(args.gguf or tiny_gguf(work), n_ctx=1024)
-            try:
-                rows += bench(name, backend, args.clients, args.requests, args.max_tokens, work)
-            finally:
-                backend.close()
-            if name == "fixed":
-                chars, gap = PACE
-                backend = FixedOutputBackend(
-                    LONG_REPLY, delay_s=gap * -(-len(LONG_REPLY) // chars), piece_chars=chars, piece_delay_s=gap
-                )
-            else:
-                backend = LlamaCppBackend(think_gguf(work), n_ctx=1024)
-            try:
-                stream_rows += streaming_bench(name, backend, args.stream_requests, 256, work)
-            finally:
-                backend.close()
+def paced_or_trained(name: str, work: Path):
+    """Table 2's backend: the fixed reply paced like a model, or the GGUF trained to write it."""
+    if name == "llamacpp":
+        return LlamaCppBackend(think_gguf(work), n_ctx=1024)
+    chars, gap = PACE
+    whole_s = gap * -(-len(LONG_REPLY) // chars)  # a whole reply takes as long as its pieces
+    return FixedOutputBackend(LONG_REPLY, delay_s=whole_s, piece_chars=chars, piece_delay_s=gap)
+
+
+def print_overhead(rows: list[dict]) -> None:
     print(f"\n/think API latency over the backend called directly, loopback, {os.cpu_count()} CPUs, ms")
     head = (
         f"{'backend':<13}{'clients':>8}{'requests':>9}{'direct p50':>11}{'direct p99':>11}{'API p50':>9}"
@@ -255,6 +236,9 @@ def main() -> None:
             f"{r['api_p50']:>9.2f}{r['api_p99']:>9.2f}{r['added_p50']:>10.2f}{r['added_p99']:>10.2f}"
             f"{r['api_rps']:>10.1f}"
         )
+
+
+def print_first_byte(rows: list[dict]) -> None:
     print("\ntime to the answer's first byte and to the end, one client, ms (answer: characters, -1 if they varied)")
     head = (
         f"{'backend':<10}{'mode':<13}{'requests':>9}{'first p50':>11}{'first p99':>11}{'total p50':>11}"
@@ -262,11 +246,44 @@ def main() -> None:
     )
     print(head)
     print("-" * len(head))
-    for r in stream_rows:
+    for r in rows:
         print(
             f"{r['backend']:<10}{r['mode']:<13}{r['requests']:>9}{r['first_p50']:>11.1f}{r['first_p99']:>11.1f}"
             f"{r['total_p50']:>11.1f}{r['total_p99']:>11.1f}{r['answer_chars']:>8}"
         )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", nargs="+", choices=("fixed", "llamacpp"), default=["fixed", "llamacpp"])
+    ap.add_argument("--tables", nargs="+", type=int, choices=(1, 2), default=[1, 2])
+    ap.add_argument("--requests", type=int, default=320, help="requests per backend and client count (320)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--gguf", type=Path, default=None, help="GGUF for llamacpp (default: tiny random Phi-3, F16)")
+    ap.add_argument("--max-tokens", type=int, default=8, help="new tokens per llamacpp request (8)")
+    ap.add_argument("--stream-requests", type=int, default=40, help="requests per row of table 2 (40)")
+    args = ap.parse_args()
+    overhead, first_byte = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name in args.backend:
+            if 1 in args.tables:
+                gguf = None if name == "fixed" else args.gguf or tiny_gguf(work)
+                backend = FixedOutputBackend(REPLY) if gguf is None else LlamaCppBackend(gguf, n_ctx=1024)
+                try:
+                    overhead += bench(name, backend, args.clients, args.requests, args.max_tokens, work)
+                finally:
+                    backend.close()
+            if 2 in args.tables:
+                backend = paced_or_trained(name, work)
+                try:
+                    first_byte += streaming_bench(name, backend, args.stream_requests, 256, work)
+                finally:
+                    backend.close()
+    if overhead:
+        print_overhead(overhead)
+    if first_byte:
+        print_first_byte(first_byte)
 
 
 if __name__ == "__main__":
