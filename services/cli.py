@@ -27,7 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("services.eval.cli", "evaluate models on dataset splits: /think format, label accuracy, gate, leaks"),
     "pipeline": ("services.pipeline.cli", "run the whole chain natively, skipping stages that are up to date"),
     "stack": ("services.stack.cli", "container wrapper: wait for the upstream manifest, then run one stage"),
-    "tiny-model": ("services.tiny_model", "save a tiny random Phi-3 with a Phi-3 tokenizer (tests, demos, benches)"),
+    "tiny-model": (
+        "services.tiny_model.cli",
+        "a tiny Phi-3 with a Phi-3 tokenizer: random, or pre-trained (the demo base)",
+    ),
 }
 
 

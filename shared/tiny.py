@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from shared import atomic
@@ -73,13 +74,14 @@ _CORPUS = [
 ]
 
 
-def _train_sentencepiece(vocab: int = 1000) -> bytes:
+def _train_sentencepiece(vocab: int = 1000, text: Sequence[str] = ()) -> bytes:
+    """BPE on the built-in corpus (x20) and `text` (x5, e.g. the lines of a dataset), padded to 32000 pieces."""
     import sentencepiece as spm
     import sentencepiece.sentencepiece_model_pb2 as pb
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS * 20),
+        sentence_iterator=iter(_CORPUS * 20 + list(text) * 5),
         model_writer=buf,
         vocab_size=vocab,
         model_type="bpe",
@@ -105,14 +107,15 @@ def _train_sentencepiece(vocab: int = 1000) -> bytes:
     return proto.SerializeToString()
 
 
-def build_tokenizer(out: str | Path):
-    """Write a complete Phi-3-style tokenizer to `out` and return it loaded."""
+def build_tokenizer(out: str | Path, vocab: int = 1000, text: Sequence[str] = ()):
+    """Write a complete Phi-3-style tokenizer to `out` and return it loaded (`vocab` real pieces, learnt from the
+    built-in corpus and `text`)."""
     from tokenizers import AddedToken
     from transformers import AutoTokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic.write_bytes(out / "tokenizer.model", _train_sentencepiece())
+    atomic.write_bytes(out / "tokenizer.model", _train_sentencepiece(vocab, text))
     atomic.write_json(out / "tokenizer_config.json", {"tokenizer_class": "LlamaTokenizer", "legacy": False})
     tok = AutoTokenizer.from_pretrained(out)
     tok.add_special_tokens(
@@ -205,18 +208,23 @@ def tiny_config(hidden: int = 256, layers: int = 2, heads: int = 4, intermediate
     )
 
 
-def build_tiny_model(out: str | Path, seed: int = 0, **sizes) -> Path:
-    """Save a random-weight tiny Phi3ForCausalLM plus tokenizer to `out` (replaced atomically)."""
+def write_tiny_model(out: Path, seed: int = 0, vocab: int = 1000, text: Sequence[str] = (), **sizes) -> None:
+    """Write a random-weight tiny Phi3ForCausalLM plus tokenizer into the directory `out`."""
     import torch
     from transformers import GenerationConfig, Phi3ForCausalLM
 
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(tiny_config(**sizes)).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    GenerationConfig(bos_token_id=1, eos_token_id=[32007, 32001, 32000], pad_token_id=32000).save_pretrained(out)
+    build_tokenizer(out, vocab, text)
+
+
+def build_tiny_model(out: str | Path, seed: int = 0, **sizes) -> Path:
+    """Save a random-weight tiny Phi3ForCausalLM plus tokenizer to `out` (replaced atomically)."""
     out = Path(out)
     with atomic.staging_dir(out) as tmp:
-        torch.manual_seed(seed)
-        model = Phi3ForCausalLM(tiny_config(**sizes)).eval()
-        model.save_pretrained(tmp, safe_serialization=True)
-        GenerationConfig(bos_token_id=1, eos_token_id=[32007, 32001, 32000], pad_token_id=32000).save_pretrained(tmp)
-        build_tokenizer(tmp)
+        write_tiny_model(tmp, seed, **sizes)
     return out
 
 

@@ -171,3 +171,30 @@ def test_cli_names_bad_inputs(tmp_path, splits):
     assert r.returncode == 2 and "missing.jsonl: split file not found" in r.stderr
     r = run("--split", "val", "--model", f"x=hf:{tmp_path}")
     assert r.returncode == 2 and "expected NAME=FILE" in r.stderr
+
+
+def test_a_model_taught_the_reply_scores_full_marks(tmp_path, tiny_model_dir, tiny_gguf_dir):
+    """The tiny model taught one record's reference reply, as HF and as GGUF: the greedy reply is the reference,
+    so every figure is known (format, verdict, label, answered, chrF 100)."""
+    from llama_cpp import Llama
+
+    from services.converter.hf_to_gguf import convert_f16
+    from shared.tiny import teach
+
+    rec = _record("ALLOW", "2+2は？", "4です。", 0)
+    prompt = render_chat(rec["messages"][:-1], add_generation_prompt=True)
+    vocab = Llama(str(tiny_gguf_dir / "tiny-F16.gguf"), vocab_only=True, verbose=False)
+    p_ids = vocab.tokenize(prompt.encode(), add_bos=False, special=True)
+    ids = vocab.tokenize((prompt + _reply("ALLOW", "4です。") + "<|end|>").encode(), add_bos=False, special=True)
+    del vocab
+    taught = teach(tiny_model_dir, tmp_path / "taught", ids, start=len(p_ids), steps=300, stop_loss=1e-3)
+    gguf = tmp_path / "taught-F16.gguf"
+    convert_f16(taught, gguf, "taught")
+    split = _write(tmp_path / "train.jsonl", [rec])
+    models = [ModelSpec.parse(f"hf=hf:{taught}"), ModelSpec.parse(f"gguf={gguf}")]
+    result = evaluate({"train": split}, models, tmp_path / "eval", EvalOptions(max_tokens=96, threads=2))
+    for name in ("hf", "gguf"):
+        f = result.metrics["models"][name]["splits"]["train"]
+        assert (f["format_compliance"], f["verdict_present"], f["label_accuracy"]) == (1.0, 1.0, 1.0), (name, f)
+        assert f["gate"]["answered"] == 1 and f["leaks"] == 0 and f["chrf"] == 100.0, (name, f)
+        assert f["confusion"]["ALLOW"]["ALLOW"] == 1

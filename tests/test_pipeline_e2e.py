@@ -1,5 +1,6 @@
 """End to end: the native chain on the tiny profile, from the shipped example data to a /think answer from the
-Q4_K_M GGUF through the llama.cpp backend; a second run skips every stage; a killed trainer resumes."""
+Q4_K_M GGUF through the llama.cpp backend, with the eval stage's figures (the trained model writes the format and
+the record's verdict, the base does not); a second run skips every stage; a killed trainer resumes."""
 
 from __future__ import annotations
 
@@ -71,15 +72,32 @@ def test_chain_produces_every_artifact_with_its_figures(data, first_run):
         assert (run / "gguf" / f"so8t-tiny-{qtype}.gguf").is_file()
     assert json.dumps(gguf["metrics"]).count("max_abs") >= 3
 
+    base = _manifest(data / "models" / "tiny")
+    assert base["inputs"]["pretrain_on"]["sha256"] == _manifest(data / "datasets" / "example")["outputs"]["train.jsonl"]
+    assert base["metrics"]["pretraining"]["loss_last"] < 0.5 * base["metrics"]["pretraining"]["loss_first"]
+
+    figures = _manifest(run / "eval")["metrics"]
+    assert figures["failed"] == {}
+    models = figures["models"]
+    assert set(models) == {"base", "F16", "Q8_0", "Q4_K_M"}
+    q4 = models["Q4_K_M"]["splits"]["train"]
+    assert q4["records"] == 24 and q4["format_compliance"] >= 0.9 and q4["label_accuracy"] >= 0.9, q4
+    assert models["base"]["splits"]["train"]["format_compliance"] <= 0.1  # the base writes, but not the format
+    for name, m in models.items():
+        for split, f in m["splits"].items():
+            assert f["leaks"] == 0, (name, split)
+    assert (run / "eval" / "report.md").read_text().count("| Q4_K_M |") == 2  # the table has both splits
+
     smoke = json.loads((run / "think_smoke.json").read_text())
     assert smoke["gguf"].endswith("so8t-tiny-Q4_K_M.gguf")
     body = smoke["response"]
-    assert "request_id" in body or "error" in body
+    assert smoke["status_code"] == 200 and body["status"] in ("answered", "denied", "refused", "escalated"), body
+    assert "思考ステップ" not in json.dumps(body, ensure_ascii=False) and body["internal_reasoning_hash"]
     out = first_run.stdout
-    assert "pipeline done" in out and "/think" in out and "so8t-tiny-Q4_K_M.gguf" in out
+    assert "pipeline done" in out and "/think" in out and "so8t-tiny-Q4_K_M.gguf" in out and "== eval" in out
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "done" and all(s["state"] in ("done", "skipped") for s in status["stages"].values())
-    for stage in ("dataset", "train", "bake", "convert"):
+    for stage in ("dataset", "tiny-model", "train", "bake", "convert", "eval"):
         assert (run / "logs" / f"{stage}.log").stat().st_size > 0
 
 
@@ -88,7 +106,7 @@ def test_second_run_skips_every_stage(data, first_run):
     assert r.returncode == 0, r.stdout[-4000:]
     status = json.loads((data / "runs" / "tiny" / "status.json").read_text())
     assert {n: s["state"] for n, s in status["stages"].items()} == {
-        n: "skipped" for n in ("dataset", "train", "bake", "convert")
+        n: "skipped" for n in ("dataset", "tiny-model", "train", "bake", "convert", "eval")
     }
 
 

@@ -108,7 +108,7 @@ class GGUFGenerator:
         from services.converter import llama
 
         self.llama = llama
-        self.llm = llama.open_model(path, n_ctx=n_ctx, threads=threads, logits_all=False)
+        self.llm = llama.open_model(path, n_ctx=n_ctx, threads=threads)  # greedy() reads the last position's logits
         self.stops = [self.llm.tokenize(t.encode(), add_bos=False, special=True)[0] for t in STOP_TOKENS]
 
     def generate(self, prompt: str, max_tokens: int) -> Reply:

@@ -14,6 +14,7 @@ from services.baker.options import BakeOptions
 from services.converter.options import ConvertOptions
 from services.dataset.options import DatasetOptions
 from services.eval.options import EvalOptions
+from services.tiny_model.options import TinyOptions
 from services.trainer.config import BaseModelId, MaxSteps, Seed
 from shared.config import StrictModel
 from shared.layout import GgufType
@@ -74,6 +75,7 @@ class PipelineConfig(StrictModel):
     run_id: str = Field(pattern=NAME, description="the run's directory under <data>/runs/")
     dataset: DatasetStage = DatasetStage()
     train: TrainStage = TrainStage()
+    tiny: TinyOptions = Field(TinyOptions(), description="the tiny base of train.base_model 'tiny'")
     bake: BakeOptions = BakeOptions()
     convert: ConvertStage = ConvertStage()
     eval: EvalStage = EvalStage()

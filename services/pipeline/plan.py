@@ -16,6 +16,7 @@ from services.converter.options import ConvertOptions
 from services.dataset.options import DatasetOptions
 from services.eval.options import EvalOptions
 from services.pipeline.config import PipelineConfig
+from services.tiny_model.options import TinyOptions
 from shared import flags
 from shared.layout import Layout, ollama_tag
 
@@ -45,7 +46,7 @@ def _each(flag: str, values: list[str]) -> list[str]:
 
 
 def plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
-    """Every stage of the chain, in order (the tiny model only while it is not built yet)."""
+    """Every stage of the chain, in order."""
     run, ds, base = layout.run(cfg.run_id), layout.dataset(cfg.dataset.id), base_model(cfg, layout)
     d, t, c, e, o = cfg.dataset, cfg.train, cfg.convert, cfg.eval, cfg.ollama
     ggufs = {qtype: str(run.gguf_file(c.name, qtype)) for qtype in c.types}
@@ -67,12 +68,13 @@ def plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
     ollama += ["--format", d.format]
     smoke = ["smoke", "--model", f"{o.model}:{ollama_tag(cfg.serve.gguf_type)}", "--output", str(run.ollama)]
 
-    stages: list[Stage] = []
-    if t.base_model == TINY and not (Path(base) / "config.json").is_file():
-        stages.append(Stage("tiny-model", (_py("services.tiny_model", "--output", base),), None))
+    tiny = ["--output", base, "--pretrain-on", str(ds / "train.jsonl"), *flags.to_argv(cfg.tiny, TinyOptions)]
+
+    stages = [Stage("dataset", (_py("services.dataset", *dataset),), ds)]
+    if t.base_model == TINY:  # the demo's base, pre-trained on the train split (services/tiny_model/pretrain.py)
+        stages.append(Stage("tiny-model", (_py("services.tiny_model", *tiny),), Path(base), ("dataset",)))
     stages += [
-        Stage("dataset", (_py("services.dataset", *dataset),), ds),
-        Stage("train", (_py("services.trainer", *train),), run.final, ("dataset",)),
+        Stage("train", (_py("services.trainer", *train),), run.final, (stages[-1].name,)),
         Stage("bake", (_py("services.baker", *bake),), run.baked, ("train",)),
         Stage("convert", (_py("services.converter", *convert),), run.gguf, ("bake",)),
         Stage("eval", (_py("services.eval", *evaluate),), run.eval, ("convert",)),

@@ -1,0 +1,154 @@
+"""Pretraining of the tiny base on a train split's content, without the /think layout.
+
+A random tiny Phi-3 has frozen random embeddings and head under LoRA: no LoRA stage can make it write. The real
+Borea base already writes Japanese and English; the demo's tiny base is made to write the same way, once (cached):
+all parameters trained on two documents per conversation turn of the split:
+
+- the chat turn with the *final answer only* (system, user, assistant = the reference answer): it learns to answer;
+- a plain document: the request, the assessment sentences of its thinking as prose (no heading, no tag, no verdict
+  line), then the answer: it learns the language of the assessments.
+
+Neither has the /think layout, a verdict line or the thinking in the assistant turn: the untrained base writes 0%
+of the format; the LoRA + SO(8) stage is what teaches it, and the eval stage measures both.
+The loss covers the real vocabulary only: the padding pieces that fill the tokenizer to Phi-3's 32000 ids keep
+zero rows (embedding and head), so greedy decoding never picks one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from services.tiny_model.options import TinyOptions
+from shared import logs
+from shared.errors import InputError
+from shared.think_format import parse, render_chat
+from shared.tiny import SP_PIECES, SPECIAL_TOKENS, VOCAB_SIZE
+
+log = logs.get("tiny-model")
+_VERDICT = ("判定", "Verdict")
+
+
+def _turns(messages: list[dict], where: str) -> list[tuple[str | None, str, str]]:
+    """(system, user, assistant) of each answered user turn."""
+    system = next((m["content"] for m in messages if m.get("role") == "system"), None)
+    out, user = [], None
+    for m in messages:
+        if m.get("role") == "user":
+            user = m.get("content", "")
+        elif m.get("role") == "assistant" and user is not None:
+            out.append((system, user, m.get("content", "")))
+            user = None
+    if not out:
+        raise InputError(f"{where}: messages: no user turn with an assistant answer")
+    return out
+
+
+def documents(path: Path) -> tuple[list[str], list[str]]:
+    """(pretraining documents, the tokenizer's text: every line of every message) of a dataset split."""
+    docs, lines = [], []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                messages = json.loads(raw)["messages"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise InputError(f"{where}: not a record of the dataset stage ({err})") from None
+            lines += [ln for m in messages for ln in str(m.get("content", "")).split("\n") if ln.strip()]
+            for system, user, assistant in _turns(messages, where):
+                p = parse(assistant)
+                final, thinking = (p.final, p.thinking) if p.ok else (assistant, None)
+                chat = [{"role": "system", "content": system}] if system else []
+                docs.append(
+                    render_chat([*chat, {"role": "user", "content": user}, {"role": "assistant", "content": final}])
+                )
+                prose = [ln for ln in (thinking or "").split("\n") if ln.strip() and not ln.startswith(_VERDICT)]
+                docs.append("\n".join([user, *prose, final]))
+    if not docs:
+        raise InputError(f"{path}: no records to pretrain on")
+    return docs, lines
+
+
+def pretrain(model_dir: Path, docs: list[str], opts: TinyOptions) -> dict[str, Any]:
+    """Train every parameter of the tiny model in `model_dir` on `docs`; saves it back; returns the figures."""
+    import torch
+    from transformers import AutoTokenizer, Phi3ForCausalLM
+
+    t0 = time.time()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    real = [i for i in range(SP_PIECES) if not tok.convert_ids_to_tokens(i).startswith("<unused")]
+    live = torch.tensor(sorted(set(real) | set(SPECIAL_TOKENS.values())))
+    unused = torch.ones(VOCAB_SIZE, dtype=torch.bool)
+    unused[live] = False
+    index = torch.full((VOCAB_SIZE,), -100, dtype=torch.long)
+    index[live] = torch.arange(len(live))
+    seqs = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+
+    torch.manual_seed(opts.seed)
+    rng = random.Random(opts.seed)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=opts.pretrain_lr, weight_decay=0.0, betas=(0.9, 0.98))
+    steps, warm = opts.pretrain_steps, max(1, opts.pretrain_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(steps, 1))))
+    )
+
+    def zero_unused() -> None:
+        with torch.no_grad():
+            model.lm_head.weight[unused] = 0
+            model.model.embed_tokens.weight[unused] = 0
+
+    zero_unused()
+    model.train()
+    losses, order = [], []
+    for _ in logs.progress(range(steps), desc="pretrain", unit="step"):
+        if len(order) < opts.pretrain_batch:
+            perm = list(range(len(seqs)))
+            rng.shuffle(perm)
+            order += perm
+        batch, order = order[: opts.pretrain_batch], order[opts.pretrain_batch :]
+        width = max(len(seqs[i]) for i in batch)
+        ids = torch.full((len(batch), width), SPECIAL_TOKENS["<|endoftext|>"], dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+            mask[row, : len(seqs[i])] = 1
+        hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        keep = mask[:, 1:].bool()
+        logits = hidden[:, :-1][keep] @ model.lm_head.weight[live].T  # a softmax over the real vocabulary
+        loss = torch.nn.functional.cross_entropy(logits, index[ids[:, 1:][keep]])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        zero_unused()
+        losses.append(float(loss))
+    model.eval()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    figures = {
+        "documents": len(docs),
+        "tokens": sum(map(len, seqs)),
+        "steps": steps,
+        "live_vocab": len(live),
+        "loss_first": round(losses[0], 4) if losses else None,
+        "loss_last": round(losses[-1], 4) if losses else None,
+        "seconds": round(time.time() - t0, 1),
+    }
+    log.info(
+        "pretrained on %d documents (%d tokens), %d steps: loss %s -> %s in %.0f s",
+        figures["documents"],
+        figures["tokens"],
+        steps,
+        figures["loss_first"],
+        figures["loss_last"],
+        figures["seconds"],
+    )
+    return figures
