@@ -57,7 +57,7 @@ class StandInOllama:
     """NOT A MODEL: /api/show and /api/generate of Ollama's HTTP API, the reply picked by the prompt. `mode`:
     ok | http500 | not_json | wrong_shape | stall | stall_mid_stream | bad_mid_stream."""
 
-    def __init__(self, stall_s: float = 3.0):
+    def __init__(self, stall_s: float = 6.0):
         self.mode, self.stall_s = "ok", stall_s
         self.pace_s = 0.0  # > 0: streamed pieces one at a time, this far apart (a model's pace)
         self.generates: list[dict] = []
@@ -69,6 +69,9 @@ class StandInOllama:
         return CASES[int(m.group(1))][2] if m else good_reply()
 
     def start(self) -> str:
+        """Listen (again, on the same port once it had one); returns host:port."""
+        if self.httpd is not None:
+            return f"127.0.0.1:{self.port}"
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -160,7 +163,7 @@ class StandInOllama:
 class Served:
     """`python -m services.think_api --backend ollama` (what compose runs) on the stand-in; DATA_DIR in tmp."""
 
-    def __init__(self, tmp: Path, standin: StandInOllama, timeout: float = 1.0):
+    def __init__(self, tmp: Path, standin: StandInOllama, timeout: float = 30.0):
         from services.pipeline.run import free_port
 
         if Path("/dev/shm").is_dir():  # the audit rows' fsyncs cost a leak test thousands of disk flushes
@@ -231,12 +234,22 @@ def standin():
     s.stop()
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, standin):
-    s = Served(tmp_path_factory.mktemp("openai"), standin)
+def _serve(tmp: Path, standin: StandInOllama, timeout: float):
+    s = Served(tmp, standin, timeout)
     yield s
     out = s.close()
     assert "Traceback" not in out and "ERROR" not in out, out
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, standin):
+    yield from _serve(tmp_path_factory.mktemp("openai"), standin, timeout=30.0)
+
+
+@pytest.fixture(scope="module")
+def served_briefly(tmp_path_factory, standin):
+    """The same, with --timeout 2: the stalls (StandInOllama.stall_s) outlast it."""
+    yield from _serve(tmp_path_factory.mktemp("openai-timeout"), standin, timeout=2.0)
 
 
 @pytest.fixture
@@ -399,7 +412,8 @@ def test_a_stream_that_fails_a_check_ends_with_an_error_never_the_text(served, s
         ("stall", 504, "backend_timeout"),
     ],
 )
-def test_a_misbehaving_backend_is_a_clear_error_and_the_server_stays_up(served, standin, ok, mode, status, code):
+def test_a_misbehaving_backend_is_a_clear_error_and_the_server_stays_up(request, standin, ok, mode, status, code):
+    served = request.getfixturevalue("served_briefly" if mode == "stall" else "served")
     standin.mode = mode
     assert served.health() == 503  # /api/show misbehaves the same way
     c = served.client()
@@ -420,7 +434,8 @@ def test_a_misbehaving_backend_is_a_clear_error_and_the_server_stays_up(served, 
 @pytest.mark.parametrize(
     "mode, code", [("stall_mid_stream", "backend_timeout"), ("bad_mid_stream", "backend_bad_response")]
 )
-def test_a_backend_failing_mid_stream_ends_the_stream_with_an_error(served, standin, ok, mode, code):
+def test_a_backend_failing_mid_stream_ends_the_stream_with_an_error(request, standin, ok, mode, code):
+    served = request.getfixturevalue("served_briefly" if mode == "stall_mid_stream" else "served")
     standin.mode = mode
     with pytest.raises(openai.APIError) as err:
         stream_text(served.client(), "2+2は？")
@@ -583,7 +598,7 @@ def test_what_the_server_cannot_honour_is_refused_by_name(app_server, extra, par
 
 
 def test_keepalive_comments_while_the_model_thinks_and_nothing_else(app_server):
-    backend = FixedOutputBackend(good_reply(final=LONG_FINAL), piece_chars=1, piece_delay_s=0.01)
+    backend = FixedOutputBackend(good_reply(final=LONG_FINAL), piece_chars=2, piece_delay_s=0.005)
     url, _, _ = app_server(backend, stream_keepalive_s=0.05)
     body = {"model": "fixed-output", "messages": user("2+2は？"), "stream": True}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:

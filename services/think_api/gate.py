@@ -112,11 +112,20 @@ def _rescues(text: str) -> list[str]:
 
 
 def _hold_cut(answer: str, hold: int = STREAM_HOLD) -> int:
-    """Length of the longest prefix of `answer` followed by at least `hold` squashed characters (0 if none)."""
-    k = len(answer)
-    while k > 0 and len(_squash(answer[k:])) < hold:
+    """Length of the longest prefix of `answer` followed by at least `hold` squashed characters (0 if none).
+
+    Linear in the tail: each character's own squashed length is an upper bound of what it adds beside its
+    neighbours (Unicode composition only merges), so the tail is squashed whole only once that bound is reached."""
+    k, bound = len(answer), 0
+    while k > 0:
         k -= 1
-    return k if len(_squash(answer[k:])) >= hold else 0
+        if answer[k].isspace():  # squashes to nothing
+            continue
+        grew = len(_squash(answer[k]))
+        bound += grew
+        if grew and bound >= hold and len(_squash(answer[k:])) >= hold:
+            return k
+    return 0
 
 
 class StreamGate:
