@@ -8,13 +8,20 @@ baked model is loaded. On the reference the same forward also gives
 - `dtype_noise` (bfloat16/float16 outputs only): the reference with its base weights rounded as a correct bake
   rounds them (`round_like_bake`), without using the fold. That is what rounding alone costs, and it sets the
   bar for a low-precision bake (see `BakeOptions`).
+
+Device: the forwards run on the GPU when CUDA is present and the float32 model fits in its free memory (the CPU
+reference of Phi-3.5-mini needs 15 GB of RAM and minutes), else on the CPU; `SO8T_VERIFY_DEVICE=cpu|cuda`
+forces one. Both models run on the same device, in true float32 (TF32 matmuls off for the check); the logits
+come back to the CPU for the comparison. The report says which device and, on CUDA, the peak memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +106,74 @@ def prompt_ids(tokenizer) -> list[torch.Tensor]:
     return out
 
 
+DEVICE_ENV = "SO8T_VERIFY_DEVICE"
+_MARGIN = 1.15  # activations of the short prompts, the LoRA and gate tensors, the allocator's slack
+
+
+def float32_bytes(base: Path) -> int:
+    """Bytes of the base model's parameters in float32 (counted on the meta device: nothing is loaded)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+def choose_device(base: Path) -> torch.device:
+    """CUDA when present and the float32 model fits in its free memory; the CPU otherwise (or as $SO8T_VERIFY_DEVICE
+    says)."""
+    forced = os.environ.get(DEVICE_ENV, "").strip().lower()
+    if forced not in ("", "cpu", "cuda"):
+        raise ValueError(f"{DEVICE_ENV}={forced!r}: expected cpu or cuda")
+    if forced == "cpu" or not torch.cuda.is_available():
+        if forced == "cuda":
+            raise RuntimeError(f"{DEVICE_ENV}=cuda but CUDA is not available")
+        return torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device())
+    if forced == "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    need = float32_bytes(base) * _MARGIN
+    if need > free:
+        log.info(
+            "verification on the CPU: the float32 model needs %.1f GiB, the GPU has %.1f GiB free",
+            need / 2**30,
+            free / 2**30,
+        )
+        return torch.device("cpu")
+    return device
+
+
+@contextlib.contextmanager
+def true_float32() -> Iterator[None]:
+    """No TF32 in matmuls and convolutions while verifying (a float32 check must compute in float32)."""
+    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+def _placement(device: torch.device) -> dict[str, Any]:
+    """from_pretrained's arguments to load straight onto `device` (the CPU path loads as it always did)."""
+    return {"device_map": {"": device}} if device.type == "cuda" else {}
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 @torch.no_grad()
 def forward_logits(model, ids: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [model(input_ids=x).logits[0].float().clone() for x in ids]
+    """Full-vocabulary float32 logits per prompt, on the CPU (the model runs where its weights are)."""
+    device = next(model.parameters()).device
+    return [model(input_ids=x.to(device)).logits[0].float().cpu() for x in ids]
 
 
 def compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str, float]:
@@ -131,14 +203,15 @@ def reference_logits(
     ids: list[torch.Tensor],
     dtype: torch.dtype,
     attach: AttachGates,
+    device: torch.device = torch.device("cpu"),
 ) -> dict[str, list[torch.Tensor]]:
     """Logits of the model as trained (float32), of its un-rotated twin and, for a low-precision bake, of its
     dtype-rounded twin."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, trained, is_trainable=False).eval()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **_placement(device))
+    model = PeftModel.from_pretrained(model, trained, is_trainable=False).to(device).eval()
     modules = attach(model, {i: A.clone() for i, A in gates.items()}, sorted(gates), 0.0)
     if sorted(modules) != sorted(gates):
         raise RuntimeError(f"attach_gates gated layers {sorted(modules)}, expected {sorted(gates)}")
@@ -153,7 +226,7 @@ def reference_logits(
         round_like_bake(model, set(gates), dtype, exact={id(g.A) for g in modules.values()})
         out["dtype_noise"] = forward_logits(model, ids)
     del model, modules
-    gc.collect()
+    _free(device)
     return out
 
 
@@ -178,11 +251,15 @@ def round_like_bake(model, gated: set[int], dtype: torch.dtype, exact: set[int])
 
 
 @torch.no_grad()
-def baked_logits(out_dir: Path, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+def baked_logits(
+    out_dir: Path, ids: list[torch.Tensor], device: torch.device = torch.device("cpu")
+) -> list[torch.Tensor]:
     """Reload the saved directory exactly as any user would: stock class, no remote code, upcast to float32."""
     from transformers import AutoModelForCausalLM, Phi3ForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        out_dir, dtype=torch.float32, output_loading_info=True, **_placement(device)
+    )
     if type(model) is not Phi3ForCausalLM:
         raise RuntimeError(f"{out_dir}: reloaded as {type(model).__name__}, not transformers' Phi3ForCausalLM")
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -190,7 +267,7 @@ def baked_logits(out_dir: Path, ids: list[torch.Tensor]) -> list[torch.Tensor]:
         raise RuntimeError(f"{out_dir}: the stock model does not match the saved tensors: {problems}")
     out = forward_logits(model.eval(), ids)
     del model
-    gc.collect()
+    _free(device)
     return out
 
 
@@ -208,12 +285,18 @@ def verify(
     from transformers import AutoTokenizer
 
     ids = prompt_ids(AutoTokenizer.from_pretrained(out_dir))
-    ref = reference_logits(base, trained, gates, ids, dtype, attach or default_attach())
-    got = baked_logits(out_dir, ids)
+    device = choose_device(base)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with true_float32():
+        ref = reference_logits(base, trained, gates, ids, dtype, attach or default_attach(), device)
+        got = baked_logits(out_dir, ids, device)
     baked = compare(ref["gated"], got)
     noise = compare(ref["gated"], ref["dtype_noise"]) if "dtype_noise" in ref else None
     bounds = opts.bounds(noise)
     report = {
+        "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "prompts": len(ids),
         "baked_vs_gated": baked,
         "unrotated_vs_gated": compare(ref["gated"], ref["unrotated"]),
@@ -229,7 +312,8 @@ def verify(
     over = [f"{k} {baked[k]:.3g} > {v:.3g}" for k, v in bounds.items() if not baked[k] <= v]  # NaN fails too
     report["passed"] = not over
     log.info(
-        "verification on %d prompts (%d positions): max|Δlogit| %.3g (unrotated %.3g%s), KL %.3g, top-1 %.4f",
+        "verification on %s, %d prompts (%d positions): max|Δlogit| %.3g (unrotated %.3g%s), KL %.3g, top-1 %.4f",
+        report["device"],
         len(ids),
         baked["positions"],
         baked["max_abs_logit_diff"],
