@@ -21,6 +21,9 @@ DOCKER="${SO8T_DOCKER_CLI:-/usr/bin/docker}"   # Debian's 20.10 client, which ma
 
 answers() { [ -S "$SOCK" ] && "$DOCKER" -H "$HOST" info >/dev/null 2>&1; }
 
+# a process that runs (a killed one may linger as a zombie until its new parent reaps it: that one does not)
+alive() { [ -r "/proc/$1/stat" ] && [ "$(cut -d' ' -f3 "/proc/$1/stat")" != Z ]; }
+
 # dockerd, its containerd, the shims (found by their -address argument: after a kill they belong to PID 1) and,
 # recursively, the processes they started
 engine_pids() {
@@ -46,6 +49,13 @@ case "${1:-}" in
     fi
     if ! answers; then
       mkdir -p "$DIR/root" "$EXEC"
+      # what a boot clears: the exec root and the pid file live on a tmpfs (/run) on a real host, so after a power
+      # cut they are gone; here they would outlive the daemon (and a killed process lingers as a zombie until PID 1
+      # reaps it, which dockerd takes for a running daemon or containerd)
+      if ! { [ -f "$DIR/docker.pid" ] && alive "$(cat "$DIR/docker.pid")"; }; then
+        rm -rf "$DIR/docker.pid" "$EXEC"
+        mkdir -p "$EXEC"
+      fi
       echo ">> starting dockerd ($DIR, socket $SOCK)" >&2
       nohup "$DOCKERD" --bridge=none --iptables=false --ip-masq=false --data-root "$DIR/root" --exec-root "$EXEC" \
         -H "$HOST" --pidfile "$DIR/docker.pid" >>"$DIR/dockerd.log" 2>&1 &
@@ -57,11 +67,15 @@ case "${1:-}" in
     if [ -f "$DIR/docker.pid" ] && kill -0 "$(cat "$DIR/docker.pid")" 2>/dev/null; then
       pid="$(cat "$DIR/docker.pid")"
       kill -TERM "$pid"
-      for _ in $(seq 1 240); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+      for _ in $(seq 1 600); do alive "$pid" || break; sleep 0.5; done
     fi ;;
   power-cut)
     mapfile -t pids < <(engine_pids)
     [ "${#pids[@]}" -gt 0 ] && kill -KILL "${pids[@]}" 2>/dev/null || true
+    for _ in $(seq 1 100); do  # until every one of them is gone (or a zombie)
+      left=0; for p in "${pids[@]}"; do alive "$p" && left=1; done
+      [ "$left" = 0 ] && break; sleep 0.1
+    done
     echo "cut: ${#pids[@]} processes" ;;
   *)
     sed -n '2,13p' "$0" >&2; exit 2 ;;

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from shared.errors import InputError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,11 +27,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         verdict = audit.verify(path)
     except FileNotFoundError as err:
-        print(f"so8t audit verify: {err}", file=sys.stderr)
-        return 2
+        raise InputError(str(err)) from None
     except sqlite3.DatabaseError as err:
-        print(f"so8t audit verify: {path}: not a readable audit database ({err})", file=sys.stderr)
-        return 2
+        raise InputError(f"{path}: not a readable audit database ({err})") from None
     if not verdict.ok:
         print(
             f"{path}: BROKEN at row seq={verdict.broken_seq}: {verdict.reason} "

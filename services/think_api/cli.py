@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
+from shared.errors import InputError
 from shared.think_format import FORMATS
 
 
@@ -79,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             backend = OllamaBackend(args.model, timeout=args.timeout)
     except (FileNotFoundError, ValueError) as err:
-        print(f"so8t serve: {err}", file=sys.stderr)
-        return 2
+        raise InputError(str(err)) from None
     audit = AuditLog(args.audit_db)
     log.info(
         "serving /think and /v1/chat/completions on http://%s:%d (backend %s, model %s, audit %s, API key %s)",

@@ -130,7 +130,7 @@ def pretrain(model_dir: Path, docs: list[str], opts: TinyOptions) -> dict[str, A
         optimizer.step()
         schedule.step()
         zero_unused()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     model.save_pretrained(model_dir, safe_serialization=True)
     figures = {
