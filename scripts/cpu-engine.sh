@@ -49,17 +49,16 @@ case "${1:-}" in
     fi
     if ! answers; then
       mkdir -p "$DIR/root" "$EXEC"
-      # what a boot clears: the exec root and the pid file live on a tmpfs (/run) on a real host, so after a power
-      # cut they are gone; here they would outlive the daemon (and a killed process lingers as a zombie until PID 1
-      # reaps it, which dockerd takes for a running daemon or containerd)
-      if ! { [ -f "$DIR/docker.pid" ] && alive "$(cat "$DIR/docker.pid")"; }; then
-        rm -rf "$DIR/docker.pid" "$EXEC"
-        mkdir -p "$EXEC"
-      fi
+      # what a boot clears (a tmpfs /run on a real host): the pid files of a daemon and containerd the power cut
+      # killed. Here a killed process lingers as a zombie until PID 1 reaps it, and dockerd takes a pid file naming
+      # one for a running daemon (or containerd) and refuses to start, or waits for it.
+      for pidfile in "$DIR/docker.pid" "$EXEC/containerd/containerd.pid"; do
+        if [ -f "$pidfile" ] && ! alive "$(cat "$pidfile")"; then rm -f "$pidfile"; fi
+      done
       echo ">> starting dockerd ($DIR, socket $SOCK)" >&2
       nohup "$DOCKERD" --bridge=none --iptables=false --ip-masq=false --data-root "$DIR/root" --exec-root "$EXEC" \
         -H "$HOST" --pidfile "$DIR/docker.pid" >>"$DIR/dockerd.log" 2>&1 &
-      for _ in $(seq 1 120); do answers && break; sleep 0.5; done
+      for _ in $(seq 1 360); do answers && break; sleep 0.5; done
       answers || { echo "cpu-engine: dockerd did not answer; see $DIR/dockerd.log" >&2; tail -20 "$DIR/dockerd.log" >&2; exit 1; }
     fi
     echo "DOCKER_HOST=$HOST" ;;

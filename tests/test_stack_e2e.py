@@ -80,8 +80,26 @@ def engine():
         pytest.skip(f"images cannot be built here: {built.stderr.strip()[-300:]}")
     assert built.returncode == 0, built.stderr[-4000:]
     print(f"images: {time.time() - t0:.0f} s", file=sys.stderr)
+    _remove_projects(env)  # what an earlier, interrupted run left: containers whose restart policy brings them back
     yield env
+    _remove_projects(env)
     lock.close()
+
+
+PROJECTS = ("so8t-cut", "so8t-stop")
+
+
+def _remove_projects(env: dict[str, str]) -> None:
+    for project in PROJECTS:
+        ids = subprocess.run(
+            [DOCKER, "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split()
+        if ids:
+            subprocess.run([DOCKER, "rm", "-f", *ids], env=env, capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +211,7 @@ def _exercise(stack: Stack, failure: str, reference: dict) -> None:
         owners = {p.stat().st_uid for p in stack.run.root.rglob("*")}
         assert owners == {int(UID)}, owners  # every file on the bind mount is the invoking user's
     finally:
+        _engine("start", stack.env)  # a failure may have left the engine down: its containers would come back later
         stack.compose("down", "--timeout", "5", check=False)
 
 
