@@ -87,6 +87,21 @@ def cmd_report(args) -> None:
                 "result": f"LM loss {r['lm_before']:.4f} → {r['lm_after']:.4f}",
             }
         )
+    for t in trainer.get("gate_ab", {}).values():
+        rows.append(
+            {
+                "measurement": "train: ours, gates on/off alternating in one process",
+                "gates": "on / off",
+                "packing": "rows of <= seq_len",
+                "seconds": f"{len(t['on_wall'])} + {len(t['off_wall'])} steps",
+                "real_tokens_per_s": "-",
+                "gpu_memory": "-",
+                "peak_rss": "-",
+                "result": (
+                    f"gate overhead {100 * t['overhead_wall']:+.1f}% (wall), {100 * t['overhead_cpu']:+.1f}% (CPU)"
+                ),
+            }
+        )
     peak = bake["verify_cuda_peak_mib"]
     rows.append(
         {

@@ -45,14 +45,14 @@ export SO8T_PROGRESS=0 PYTHONUNBUFFERED=1
 if [[ $dry -eq 1 ]]; then
   export CUDA_VISIBLE_DEVICES=""  # the CPU, even on a GPU box
   size=tiny preset=tiny
-  trainer_args=(--steps "${steps:-2}" --warmup 1 --eval-records 2 --threads 1)
+  trainer_args=(--steps "${steps:-2}" --warmup 1 --eval-records 2 --threads 1 --gate-ab 2)
 else
   if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu.sh: no CUDA device visible to $py (use --dry-run to check the chain on the CPU)" >&2
     exit 2
   fi
   size=phi35 preset=full
-  trainer_args=(--steps "${steps:-10}" --warmup 2 --eval-records 8)
+  trainer_args=(--steps "${steps:-10}" --warmup 2 --eval-records 8 --gate-ab 12)
 fi
 t0=$SECONDS
 echo ">> [$((SECONDS - t0)) s] random base ($preset) in $work/base" >&2

@@ -5,9 +5,10 @@
     python bench/trainer_vs_hf.py --sizes tiny --steps 3 --json out.json   # what bench/gpu.sh --dry-run runs
 
 The dataset builder renders examples/four_class into /think SFT records (the tiny Phi-3's tokenizer; cycled to
-steps × batch × accum records, one pass); every row trains on those records for the same optimizer steps with the
-same LoRA (r, α, dropout, targets, initialisation), optimizer (AdamW; paged_adamw_8bit on CUDA), lr schedule
-(cosine, 10% warm-up), clipping and seed, and the loss on the assistant tokens only:
+steps × batch × accum records, one pass); every row trains on those records, in the same micro-batches and order
+(our stream's first pass; the Trainer reads it sequentially), for the same optimizer steps with the same LoRA (r,
+α, dropout, targets, initialisation), optimizer (AdamW; paged_adamw_8bit on CUDA), lr schedule (cosine, 10%
+warm-up), clipping and seed, and the loss on the assistant tokens only:
 
 - transformers.Trainer + PEFT, padded: DataCollatorForSeq2Seq pads each micro-batch to its longest record;
 - transformers.Trainer + PEFT, padding-free: DataCollatorWithFlattening (what TRL's `padding_free` uses), each
@@ -19,8 +20,12 @@ Each row runs in its own process, one after another (interleaved over --rounds),
 (default 1: stable figures on a shared CPU). Step times exclude the first --warmup steps; records/s and real
 tokens/s (padding excluded) are over the timed steps; peak RSS is the process's (CUDA: also max allocated);
 final LM loss is the mean cross-entropy on the assistant tokens of the first --eval-records distinct records,
-computed the same way for every row after training (and before, for reference). Gate overhead: median step time
-with gates over without, same packing, same run.
+computed the same way for every row after training (and before, for reference). `--pet off` leaves PET out of
+our rows (the Trainer rows have none).
+
+Gate overhead: the rows give median step times with gates over without, but on a shared CPU two processes a few
+minutes apart see different machines; `--gate-ab` measures it in one process instead: optimizer steps
+alternating with the gates on and off on one model (packed rows), median over median.
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ sys.path.insert(0, str(REPO))
 
 # name: hidden, layers, heads, intermediate, seq_len, quantization, LoRA r, batch, accum
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden=256, layers=2, heads=4, inter=512, seq=1024, quant="none", r=16, batch=2, accum=2),
-    "mid": dict(hidden=1024, layers=4, heads=16, inter=2816, seq=1024, quant="none", r=64, batch=2, accum=2),
+    "tiny": dict(hidden=256, layers=2, heads=4, inter=512, seq=1024, quant="none", r=16, batch=4, accum=1),
+    "mid": dict(hidden=1024, layers=4, heads=16, inter=2816, seq=1024, quant="none", r=64, batch=4, accum=1),
     "phi35": dict(hidden=3072, layers=32, heads=32, inter=8192, seq=2048, quant="8bit", r=64, batch=1, accum=2),
 }
 # name: trainer, packing, gates
@@ -138,7 +143,7 @@ def _config(spec: dict, packing: bool, gates: bool):
             },
             "lora": {"r": spec["r"], "alpha": 2 * spec["r"], "dropout": 0.05},
             "gates": {"enabled": gates, "init_scale": 0.05, "orthogonal_reg": 1e-4},
-            "pet": {"enabled": True},
+            "pet": {"enabled": spec.get("pet", True)},
             "optim": {
                 "optimizer": "paged_adamw_8bit" if cuda else "adamw_torch",
                 "lr": spec["lr"],
@@ -233,7 +238,9 @@ def run_hf(spec: dict, flatten: bool) -> dict:
         tok.pad_token = tok.eos_token
     torch.manual_seed(SEED)
     peft = add_lora(load_base(cfg.model, spec["model_dir"], device), cfg.lora, spec["model_dir"], SEED)
-    examples = data.load(spec["data"], tok, spec["seq"], None, SEED).examples
+    loaded = data.load(spec["data"], tok, spec["seq"], None, SEED).examples
+    # our stream's first pass, read sequentially: the same records in the same micro-batches, step by step
+    examples = [loaded[i] for i in data.Order(len(loaded), spec["batch"], SEED).permutation(0)]
     features = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
     evals = data.load(spec["eval_data"], tok, spec["seq"], None, SEED).examples[: spec["eval_records"]]
     probe = Objective(peft, {}, pet_enabled=False, huber_delta=0.0)
@@ -286,15 +293,14 @@ def run_hf(spec: dict, flatten: bool) -> dict:
             remove_unused_columns=False,
             disable_tqdm=True,
             dataloader_num_workers=0,
+            train_sampling_strategy="sequential",
             seed=SEED,
         )
         trainer = Trainer(model=peft, args=args, train_dataset=features, data_collator=collator, callbacks=[timer])
         trainer.train()
     after = lm_loss(probe, evals, tok.pad_token_id, device)
     per_step = spec["batch"] * spec["accum"]
-    # HF samples a seeded permutation of the same records: the same records in all, per step in another order
-    mean_tokens = sum(len(e.input_ids) for e in examples) / len(examples)
-    tokens = [round(mean_tokens * per_step)] * len(timer.times)
+    tokens = [sum(len(e.input_ids) for e in examples[k * per_step : (k + 1) * per_step]) for k in range(spec["steps"])]
     width = _hf_width(examples, spec, flatten)
     return _result(
         device,
@@ -306,25 +312,19 @@ def run_hf(spec: dict, flatten: bool) -> dict:
         before,
         after,
         width,
-        exact_tokens=False,
     )
 
 
 def _hf_width(examples, spec: dict, flatten: bool) -> int:
-    """Positions HF computes over the run (padding included), for its own sampler's order."""
-    import torch
-
-    g = torch.Generator()
-    g.manual_seed(SEED)
-    order = torch.randperm(len(examples), generator=g).tolist()  # RandomSampler's order for the Trainer's seed
-    lens = [len(examples[i].input_ids) for i in order]
+    """Positions HF computes over the run (padding included): micro-batches of `batch` records in order."""
+    lens = [len(e.input_ids) for e in examples]
     b = spec["batch"]
     if flatten:
         return sum(lens)
     return sum(max(lens[i : i + b]) * len(lens[i : i + b]) for i in range(0, len(lens), b))
 
 
-def _result(device, times, cpu, tokens, records, forwards, before, after, width, exact_tokens=True) -> dict:
+def _result(device, times, cpu, tokens, records, forwards, before, after, width) -> dict:
     import torch
 
     out = {
@@ -339,12 +339,52 @@ def _result(device, times, cpu, tokens, records, forwards, before, after, width,
         "lm_after": after,
         "positions": width,
         "real_tokens_total": sum(tokens),
-        "exact_tokens": exact_tokens,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if device.type == "cuda":
         out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def run_gate_ab(spec: dict, steps: int) -> dict:
+    """The gate's cost, measured where a shared machine's noise cancels: one process, one model, optimizer steps
+    alternating with the gates on and off (hooks removed, no rotations, no regulariser), packed rows."""
+    import torch
+
+    from services.trainer import model as mdl
+    from services.trainer.distributed import setup
+    from services.trainer.gates import attention_modules
+    from services.trainer.loop import Run
+
+    mdl.is_local = lambda _base: False
+    dist = setup()
+    cfg = _config(dict(spec, steps=steps + 2), packing=True, gates=True)
+    with tempfile.TemporaryDirectory() as out:
+        run = Run(cfg, Path(spec["data"]), Path(out), dist)
+        s = run.build()
+        gates, attn = dict(s.gates), attention_modules(s.peft)
+
+        def switch(on: bool) -> None:
+            for i, g in gates.items():
+                g.unhook()
+                if on:
+                    g.hook_input_of(attn[i].o_proj)
+            s.gates = s.objective._gates = gates if on else {}
+
+        times: dict[str, list[float]] = {"on_wall": [], "on_cpu": [], "off_wall": [], "off_cpu": []}
+        position = 0
+        for step in range(steps + 2):
+            on = step % 2 == 0
+            switch(on)
+            _sync(dist.device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            run.step(s, step, position)
+            _sync(dist.device)
+            if step >= 2:  # one warm-up step each way
+                times["on_wall" if on else "off_wall"].append(time.perf_counter() - t0)
+                times["on_cpu" if on else "off_cpu"].append(time.process_time() - c0)
+            position += cfg.train.grad_accum * dist.world
+    return dict(times, threads=torch.get_num_threads())
 
 
 def child(variant: str, spec: dict) -> dict:
@@ -353,6 +393,8 @@ def child(variant: str, spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     if variant.startswith("hf"):
         return run_hf(spec, flatten=variant == "hf-flat")
+    if variant.startswith("gate-ab:"):
+        return run_gate_ab(spec, int(variant.split(":")[1]))
     return run_ours(spec, packing="packing" in variant, gates="gates" in variant)
 
 
@@ -439,6 +481,23 @@ def print_table(rows: list[dict], spec_by_size: dict[str, dict]) -> None:
                 )
 
 
+def spawn(size: str, variant: str, spec: dict, threads: int) -> dict:
+    """One child process (its own peak memory), its RESULT line parsed."""
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", variant, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, SO8T_PROGRESS="0", OMP_NUM_THREADS=str(threads)),
+    )
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not line:
+        sys.exit(f"{size}/{variant} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    print(f"[{size}] {variant}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return json.loads(line[0][7:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=sorted(SIZES))
@@ -449,9 +508,22 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=None, help="gradient accumulation (default: per size)")
     ap.add_argument("--seq-len", type=int, default=None, help="seq_len, the packed rows' bound (default: per size)")
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument(
+        "--pet",
+        choices=("on", "off"),
+        default="on",
+        help="PET in our rows (on: our objective; off: the LM loss alone, as the transformers.Trainer rows)",
+    )
     ap.add_argument("--eval-records", type=int, default=16, help="distinct records the final LM loss is taken on")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
     ap.add_argument("--rounds", type=int, default=1, help="runs per row, interleaved (row A, row B, …, A, B, …)")
+    ap.add_argument(
+        "--gate-ab",
+        type=int,
+        default=48,
+        metavar="STEPS",
+        help="also measure the gates' cost in one process, STEPS optimizer steps alternating gates on/off (0: skip)",
+    )
     ap.add_argument("--json", default=None, help="also write the rows and settings to this file")
     ap.add_argument("--workdir", default=None, help="where the models and data go (default: a temp dir)")
     ap.add_argument(
@@ -474,7 +546,7 @@ def main() -> None:
     if "phi35" in args.sizes and not cuda:
         sys.exit("--sizes phi35 needs CUDA (8-bit Phi-3.5-mini dimensions)")
     load_before = os.getloadavg()
-    rows, specs = [], {}
+    rows, specs, ab = [], {}, {}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)
         for size in args.sizes:
@@ -506,6 +578,7 @@ def main() -> None:
                 "lr": args.lr,
                 "threads": args.threads,
                 "cuda": cuda,
+                "pet": args.pet == "on",
             }
             specs[size] = dict(
                 spec,
@@ -519,30 +592,30 @@ def main() -> None:
             for k in range(args.rounds):
                 for variant in args.variants:
                     print(f"[{size}] round {k + 1}/{args.rounds}: {variant}…", file=sys.stderr, flush=True)
-                    t0 = time.time()
-                    proc = subprocess.run(
-                        [sys.executable, __file__, "--child", variant, json.dumps(spec)],
-                        capture_output=True,
-                        text=True,
-                        cwd=REPO,
-                        env=dict(os.environ, SO8T_PROGRESS="0", OMP_NUM_THREADS=str(args.threads)),
-                    )
-                    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                    if proc.returncode or not line:
-                        sys.exit(f"{size}/{variant} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-                    results.setdefault(variant, []).append(json.loads(line[0][7:]))
-                    print(f"[{size}] {variant}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+                    results.setdefault(variant, []).append(spawn(size, variant, spec, args.threads))
             rows += [summarise(size, v, runs, args.warmup) for v, runs in results.items()]
+            if args.gate_ab:
+                print(f"[{size}] gates on/off, interleaved in one process…", file=sys.stderr, flush=True)
+                ab[size] = spawn(size, f"gate-ab:{args.gate_ab}", spec, args.threads)
     load_after = os.getloadavg()
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}, "
         f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
     )
     print_table(rows, specs)
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"rows": rows, "settings": specs, "load_average": [load_before, load_after]}, indent=1) + "\n"
+    for size, t in ab.items():
+        med = {k: statistics.median(v) for k, v in t.items() if k != "threads"}
+        t["overhead_wall"] = med["on_wall"] / med["off_wall"] - 1
+        t["overhead_cpu"] = med["on_cpu"] / med["off_cpu"] - 1
+        print(
+            f"{size}: gate overhead, {len(t['on_wall'])} steps with gates interleaved with {len(t['off_wall'])} "
+            f"without in one process (packed rows): median {med['off_wall']:.3f} → {med['on_wall']:.3f} s wall "
+            f"({100 * t['overhead_wall']:+.1f}%), {med['off_cpu']:.3f} → {med['on_cpu']:.3f} s CPU "
+            f"({100 * t['overhead_cpu']:+.1f}%)"
         )
+    if args.json:
+        doc = {"rows": rows, "settings": specs, "gate_ab": ab, "load_average": [load_before, load_after]}
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":

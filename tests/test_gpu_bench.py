@@ -36,7 +36,8 @@ def test_gpu_sh_dry_run_runs_every_figure_on_the_cpu(tmp_path):
         assert row["timed_steps"] == 1 and row["real_tokens_per_s"] > 0 and row["lm_after"] > 0
         assert row["padding_share"] == 0.0 or not row["packing"].startswith("rows")
     assert doc["bake"]["passed"] and doc["bake"]["verify_device"] == "cpu"
-    assert len(doc["table"]) == 6 and doc["table"][-1]["measurement"].startswith("bake bfloat16")
+    assert len(doc["table"]) == 7 and doc["table"][-1]["measurement"].startswith("bake bfloat16")
+    assert doc["table"][5]["result"].startswith("gate overhead")
     printed = (out / "table.md").read_text()
     assert "| measurement | gates | packing | seconds | real tokens per s |" in printed
     assert "passed: max|Δlogit|" in printed
