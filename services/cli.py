@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from shared import logs
-from shared.errors import StageError
+from shared.errors import StageError, write_failure
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -80,6 +80,12 @@ def _invoke(fn, args: argparse.Namespace, prog: str) -> int:
     except StageError as err:
         print(report(prog, err), file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # a write outside a stage's build (status, smoke transcripts) that the disk refused
+        disk = write_failure(err, err.filename or ".") if err.filename else None
+        if disk is None:
+            raise
+        print(report(prog, disk), file=sys.stderr)
+        return disk.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -124,6 +124,8 @@ def bake(
 ) -> stage.StageResult:
     """Bake `trained` into `output`. `fold` and `attach` are injectable for tests (a wrong fold must be caught)."""
     started = time.time()
+    # the trained artifact checked against its manifest before a byte of it is used
+    trained_input = stage.verified_input(trained) if Path(trained).is_dir() else None
     inp = bake_inputs.load(trained, base)
     log.info(
         "base %s (%s), %d LoRA pairs (r=%s, alpha=%s), gates on layers %s",
@@ -134,7 +136,10 @@ def bake(
         inp.lora_config["alpha"],
         sorted(inp.gates),
     )
-    described = {"trained": manifest.describe_input(inp.trained), "base": manifest.describe_input(inp.base.path)}
+    described = {
+        "trained": trained_input or stage.verified_input(inp.trained),
+        "base": stage.verified_input(inp.base.path),
+    }
     _check_base_hash(inp, described["base"]["sha256"])
     spec = stage.Spec(STAGE, Path(output), described, _config_record(opts, inp))
     result = stage.run(spec, lambda tmp: _write(inp, tmp, opts, fold, attach), force, started)

@@ -140,7 +140,7 @@ def convert(
         raise ConvertError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (it becomes the file name)")
     hf_to_gguf.check_model_dir(model_dir)
     hf_to_gguf.converter_script()
-    spec = stage.Spec(STAGE, Path(output_dir), {"model": manifest.describe_input(model_dir)}, stage_config(name, opts))
+    spec = stage.Spec(STAGE, Path(output_dir), {"model": stage.verified_input(model_dir)}, stage_config(name, opts))
     return stage.run(spec, lambda tmp: _write(model_dir, tmp, name, opts), force, started)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from shared import logs
 from shared.errors import StageError
+from shared.stage import die_with_parent
 
 log = logs.get("convert")
 INSTALL_HINT = "install it with scripts/install-llama-cpp.sh (make venv does)"
@@ -101,8 +102,15 @@ def convert_f16(model_dir: Path, outfile: Path, name: str) -> float:
     log.info("llama.cpp convert_hf_to_gguf.py %s -> %s (F16)", model_dir, outfile.name)
     t0 = time.time()
     tail: collections.deque[str] = collections.deque(maxlen=40)
+    # dies with this process: a killed stage leaves no converter writing into its staging directory
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace"
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+        errors="replace",
+        **die_with_parent(),
     )
     for line in proc.stdout:  # type: ignore[union-attr]
         line = line.rstrip()

@@ -29,8 +29,8 @@ EVAL_VERSION = 1
 def describe_model(spec: ModelSpec) -> dict[str, Any]:
     if spec.kind == "ollama":
         return {"path": spec.where, "kind": "ollama", "sha256": _ollama_digest(spec.where)}
-    if Path(spec.where).exists():
-        return manifest.describe_input(spec.where)
+    if Path(spec.where).exists():  # checked against the manifest of the stage that wrote it: never a corrupt file
+        return stage.verified_input(spec.where)
     return {"path": spec.where, "kind": "hub", "sha256": None}  # a hub id: its name (in the config) decides
 
 

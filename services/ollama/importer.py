@@ -4,10 +4,16 @@ The 0.6 client has no Modelfile argument: the GGUF goes up as a blob (sha256-add
 `files`, with the template, system prompt and parameters of the generated Modelfile. The same Modelfile is saved
 beside the run (`<run>/ollama/Modelfile.<tag>`) for `ollama create -f`. The server may still be starting (compose
 starts both together), so connecting is retried with tenacity until `--wait` runs out.
+
+Each GGUF is checked against the converter's manifest before it is uploaded (a corrupt file is never imported).
+The run's directory is one artifact (shared.stage): once every model is created, the Modelfiles and the manifest
+(earlier imports and smoke.json kept) are built in a staging directory that replaces it as a whole, so a killed
+import leaves the previous directory or the new one, never Modelfiles of one import beside the manifest of another.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +24,7 @@ import ollama
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from services.ollama import modelfile
-from shared import atomic, logs, manifest
-from shared.config import config_hash
+from shared import atomic, logs, manifest, stage
 from shared.errors import StageError
 from shared.layout import GGUF_FILE_TYPES, GGUF_TYPES, ollama_tag
 from shared.think_format import Format
@@ -41,7 +46,8 @@ class Imported:
     gguf: Path
     qtype: str
     digest: str
-    modelfile: Path
+    modelfile: Path  # where record() puts it
+    modelfile_text: str
 
 
 def gguf_qtype(path: Path) -> str:
@@ -107,10 +113,9 @@ def wait_for_server(c: ollama.Client, wait_s: float) -> None:
         ) from None
 
 
-def write_modelfile(gguf: Path, run_dir: Path, tag: str, fmt: Format) -> Path:
-    path = run_dir / f"Modelfile.{tag}"
-    atomic.write_text(path, modelfile.render(modelfile.from_path(gguf, run_dir), fmt))
-    return path
+def modelfile_for(gguf: Path, run_dir: Path, fmt: Format) -> str:
+    """The Modelfile of `gguf` as saved in `run_dir` (FROM relative to it)."""
+    return modelfile.render(modelfile.from_path(gguf, run_dir), fmt)
 
 
 def import_gguf(
@@ -119,9 +124,10 @@ def import_gguf(
     """Upload one GGUF and create `model` from it. Raises ImportFailed on any failure (never a warning)."""
     if not gguf.is_file():
         raise ImportFailed(f"{gguf}: GGUF file not found")
+    stage.verified_input(gguf)  # the converter's manifest beside it says what it wrote: a corrupt file is not uploaded
     qtype = gguf_qtype(gguf)
     name = model_tag(model, qtype)
-    mf = write_modelfile(gguf, run_dir, name.rsplit(":", 1)[1], fmt)
+    mf = run_dir / f"Modelfile.{name.rsplit(':', 1)[1]}"
     log.info("uploading %s (%.1f MiB) to %s", gguf, gguf.stat().st_size / 2**20, host_of(c))
     try:
         digest = retrying(lambda: c.create_blob(gguf), wait_s, "ollama blob upload")
@@ -142,11 +148,12 @@ def import_gguf(
         raise ImportFailed(f"lost the Ollama server at {host_of(c)} while importing {gguf}: {err}") from None
     if resp.status != "success":
         raise ImportFailed(f"Ollama at {host_of(c)} answered status {resp.status!r} creating {name}")
-    return Imported(name, gguf, qtype, digest, mf)
+    return Imported(name, gguf, qtype, digest, mf, modelfile_for(gguf, run_dir, fmt))
 
 
 def record(run_dir: Path, done: list[Imported], fmt: Format, host: str, started: float) -> Path:
-    """manifest.json of the run's ollama directory: every model imported so far (earlier imports are kept)."""
+    """Publish the run's ollama directory: the Modelfiles of `done` and a manifest of every model imported so far
+    (earlier imports and other files such as smoke.json are carried over), replacing the directory as a whole."""
     old = manifest.read(run_dir) or {}
     models: dict[str, Any] = dict(old.get("outputs", {}).get("models", {}))
     inputs: dict[str, Any] = dict(old.get("inputs", {}))
@@ -166,7 +173,15 @@ def record(run_dir: Path, done: list[Imported], fmt: Format, host: str, started:
             "imported_at": manifest.utc_stamp(),
         }
     config = {"format": fmt, "template": modelfile.TEMPLATE, "parameters": modelfile.parameters()}
-    m = manifest.build(
-        "ollama", inputs, config, config_hash(config), started, {"models": len(models)}, {"models": models}
-    )
-    return manifest.write(run_dir, m)
+
+    def build(tmp: Path) -> stage.Built:
+        if run_dir.is_dir():
+            for f in sorted(run_dir.iterdir()):
+                if f.is_file() and f.name != manifest.MANIFEST and not f.name.startswith("."):
+                    shutil.copy2(f, tmp / f.name)
+        for imp in done:
+            atomic.write_text(tmp / imp.modelfile.name, imp.modelfile_text)
+        return stage.Built({"models": len(models)}, {"models": models})
+
+    stage.publish(stage.Spec("ollama", run_dir, inputs, config), build, started)
+    return run_dir / manifest.MANIFEST

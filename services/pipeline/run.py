@@ -25,6 +25,7 @@ from services.pipeline.plan import Stage, plan
 from shared import atomic, logs, manifest
 from shared.errors import StageError
 from shared.layout import Layout
+from shared.stage import die_with_parent
 
 log = logs.get("pipeline")
 
@@ -155,6 +156,7 @@ def _run_stage(stage: Stage, log_path: Path, status: Status) -> tuple[int, float
                     text=True,
                     errors="replace",
                     bufsize=1,
+                    **die_with_parent(),  # an orchestrator killed takes its stage with it, as a power cut would
                 )
                 try:
                     for line in proc.stdout:  # type: ignore[union-attr]

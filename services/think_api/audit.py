@@ -7,6 +7,10 @@ first release (ADDED) enter the JSON only when set, so rows written before them 
 inserting or deleting a row breaks the chain at that row (deleting the newest rows is only visible against a head
 hash kept elsewhere: `so8t audit verify` prints it). Appends take SQLite's write lock (BEGIN IMMEDIATE), so several
 processes may share one file.
+
+A server opening the log checks it first (SQLite's quick_check of every page, and the newest row against its hash,
+which the next row links to): a damaged database is refused with an error naming it, never appended to; the whole
+chain is `so8t audit verify`'s to walk.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.errors import InputError
 from shared.layout import Layout
 
 DB_NAME = "think_audit.sqlite3"
@@ -89,6 +94,16 @@ class Verdict:
     reason: str | None = None
 
 
+class AuditDamaged(InputError):
+    """The audit database is damaged (unreadable pages, or a newest row that does not match its hash)."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(
+            f"{path}: the audit log is damaged ({why}); it is not appended to. Run `so8t audit verify --db {path}` "
+            "to find the first broken row, keep the file as evidence and start the server on a new one"
+        )
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 30000")
@@ -103,8 +118,21 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._conn = _connect(self.path)
+        try:
+            self._open()
+        except sqlite3.DatabaseError as err:
+            self._conn.close()
+            raise AuditDamaged(self.path, f"SQLite: {err}") from None
+        except AuditDamaged:
+            self._conn.close()
+            raise
+
+    def _open(self) -> None:
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")  # an acknowledged request stays logged after power loss
+        check = [r[0] for r in self._conn.execute("PRAGMA quick_check")]
+        if check != ["ok"]:
+            raise AuditDamaged(self.path, f"SQLite quick_check: {'; '.join(map(str, check[:3]))}")
         cols = ", ".join(f"{n} {t}" for n, t in FIELDS)
         self._conn.execute(
             f"CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, {cols}, "
@@ -114,6 +142,18 @@ class AuditLog:
         for name, sql in FIELDS:
             if name not in present:
                 self._conn.execute(f"ALTER TABLE audit ADD COLUMN {name} {sql}")
+        self._check_head()
+
+    def _check_head(self) -> None:
+        """The newest row (the one the next row links to) must match its own hash."""
+        cur = self._conn.execute("SELECT * FROM audit ORDER BY seq DESC LIMIT 1")
+        names = [d[0] for d in cur.description]
+        last = cur.fetchone()
+        if last is None:
+            return
+        r = dict(zip(names, last))
+        if not isinstance(r.get("prev_hash"), str) or row_hash(r["prev_hash"], r) != r.get("row_hash"):
+            raise AuditDamaged(self.path, f"the newest row, seq={r.get('seq')}, does not match its row_hash")
 
     def check(self) -> None:
         """Raise unless a row could be written now (the write lock is taken and given back)."""

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from services.think_api.backends import LlamaCppBackend, OllamaBackend
     from shared import logs
     from shared.config import validate
+    from shared.stage import verified_input
 
     log = logs.get("think-api")
     settings = validate(
@@ -75,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         if args.backend == "llamacpp":
+            if Path(args.model).is_file():  # checked against the converter's manifest: a corrupt GGUF is not served
+                verified_input(args.model)
             backend = LlamaCppBackend(args.model, n_ctx=args.n_ctx, n_threads=args.threads)
         else:
             backend = OllamaBackend(args.model, timeout=args.timeout)

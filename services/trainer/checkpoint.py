@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from shared import atomic, logs
+from shared.errors import write_failure
 from shared.layout import TRAINING_SESSION
 from shared.manifest import sha256_file, utc_stamp
 
@@ -88,13 +89,19 @@ def write(root: Path, step: int, fill: Callable[[Path], None]) -> Path:
     """Build checkpoint-<step> with `fill(tmp_dir)`, add the marker, and rename it into place."""
     target = root / f"checkpoint-{step}"
     with atomic.staging_dir(target) as tmp:
-        fill(tmp)
-        fault(f"checkpoint-write:{step}")
-        files = {}
-        for p in sorted(tmp.iterdir()):
-            if p.is_file():
-                files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        atomic.write_json(tmp / MARKER, {"format": FORMAT, "step": step, "files": files, "written_at": utc_stamp()})
+        try:
+            fill(tmp)
+            fault(f"checkpoint-write:{step}")
+            files = {}
+            for p in sorted(tmp.iterdir()):
+                if p.is_file():
+                    files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            atomic.write_json(tmp / MARKER, {"format": FORMAT, "step": step, "files": files, "written_at": utc_stamp()})
+        except Exception as err:  # a full disk: a clear error naming the path (the older checkpoints stay)
+            disk = write_failure(err, tmp)
+            if disk is None:
+                raise
+            raise disk from err
     return target
 
 
