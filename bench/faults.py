@@ -41,10 +41,14 @@ def run_job(name: str, chain: jobs.Chain | None, work: Path, n: int, rng: random
         return None
     if name == "kill_pipeline":
         return jobs.kill_pipeline(work, n, rng)
-    if name.startswith("api_"):
+    if name == "api_load_kill":  # n SIGKILLs of the server under 16 clients
         import fault_api
 
-        return getattr(fault_api, name)(work, n, rng)
+        return fault_api.kill_api_under_load(work, kills=n, clients=16, load_s=4.0)
+    if name == "api_fuzz":
+        import fault_api
+
+        return fault_api.fuzz_api(work, max_examples=max(30, 5 * n))
     if name == "corrupt_gguf":
         from test_ollama import StandInOllama
 

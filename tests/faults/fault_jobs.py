@@ -507,13 +507,13 @@ def fill_bake(chain: Chain, work: Path, n: int, rng: random.Random) -> Tally:
 
 
 def fill_convert(chain: Chain, work: Path, n: int, rng: random.Random) -> Tally:
-    f16 = 3 * _size(chain.gguf)  # the F16 made first is about as big as both quantisations together, twice
-    with small_fs(work / "fs", 3 * f16) as fs:
+    quants = _size(chain.gguf)  # Q8_0 + Q4_K_M; the staging directory holds them and the F16 they come from
+    with small_fs(work / "fs", 9 * quants) as fs:
         out = fs / "gguf"
         must(run(convert_cmd(chain.baked, out, ["F16"])), "the previous conversion")
-        return _fill_trials(
-            "convert", fs, out, convert_cmd(chain.baked, out, ["Q8_0", "Q4_K_M"]), f16, n, rng, chain.keys["convert"]
-        )
+        need = 3 * quants // 2  # well under the staging directory's peak (F16 + both), so every trial runs out
+        argv = convert_cmd(chain.baked, out, ["Q8_0", "Q4_K_M"])
+        return _fill_trials("convert", fs, out, argv, need, n, rng, chain.keys["convert"])
 
 
 def fill_train(chain: Chain, work: Path, n: int, rng: random.Random) -> Tally:
