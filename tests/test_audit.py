@@ -16,7 +16,7 @@ import pytest
 from services.cli import run_stage
 from services.think_api import gate
 from services.think_api.app import create_app, serve_background
-from services.think_api.audit import FIELDS, GENESIS, AuditLog, row_hash, rows, verify
+from services.think_api.audit import FIELDS, GENESIS, AuditLog, AuditRecord, row_hash, rows, verify
 from services.think_api.backends import FixedOutputBackend
 from shared.think_format import LABELS, Thinking, render_assistant, verdict_line
 
@@ -162,15 +162,15 @@ def test_default_path_is_under_data_dir(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DATA_DIR", str(tmp_path))
     log = AuditLog()
     log.append(
-        {
-            "request_id": "r",
-            "model": "m",
-            "backend": "b",
-            "status": "answered",
-            "http_status": 200,
-            "escalated": False,
-            "latency_ms": 1.5,
-        }
+        AuditRecord(
+            request_id="r",
+            model="m",
+            backend="b",
+            status="answered",
+            http_status=200,
+            escalated=False,
+            latency_ms=1.5,
+        )
     )
     log.close()
     assert (tmp_path / "audit" / "think_audit.sqlite3").is_file()
@@ -185,15 +185,15 @@ def test_two_writers_on_one_file_keep_one_chain(tmp_path):
     def write(k: int) -> None:
         for i in range(40):
             logs[k].append(
-                {
-                    "request_id": f"{k}-{i}",
-                    "model": "m",
-                    "backend": "b",
-                    "status": "answered",
-                    "http_status": 200,
-                    "escalated": 0,
-                    "latency_ms": i,
-                }
+                AuditRecord(
+                    request_id=f"{k}-{i}",
+                    model="m",
+                    backend="b",
+                    status="answered",
+                    http_status=200,
+                    escalated=0,
+                    latency_ms=i,
+                )
             )
 
     threads = [threading.Thread(target=write, args=(k,)) for k in (0, 1)]
@@ -206,4 +206,4 @@ def test_two_writers_on_one_file_keep_one_chain(tmp_path):
     v = verify(db)
     assert v.ok and v.rows == 80
     with pytest.raises(ValueError, match="unknown audit fields"):
-        AuditLog(db).append({"prompt": "never stored"})
+        AuditLog(db).append(AuditRecord(prompt="never stored"))

@@ -27,13 +27,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.think_api import chat, openapi
-from services.think_api.audit import AuditLog
+from services.think_api.audit import AuditLog, AuditRecord
 from services.think_api.chat_models import ChatCompletionChunk, ChatCompletionRequest
 from services.think_api.errors import ApiError, ErrorBody, error_response
 from services.think_api.generation import Backend
 from services.think_api.http_input import check_key, read_body, validate_json
 from services.think_api.prompts import build_prompt
-from services.think_api.replies import audited, generate_gated, new_row
+from services.think_api.replies import audited, generate_gated, new_record
 from services.think_api.serve_settings import ServeSettings, check_limits, sampling
 from shared import logs
 
@@ -150,10 +150,10 @@ def create_app(backend: Backend, audit: AuditLog, settings: ServeSettings | None
             status_code=200 if ok else 503,
         )
 
-    async def think_reply(request: Request, row: dict) -> Response:
+    async def think_reply(request: Request, row: AuditRecord) -> Response:
         check_key(request, s.api_key)
         req = validate_json(await read_body(request, s.max_request_bytes), ThinkRequest)
-        row["prompt_chars"] = len(req.text)
+        row.prompt_chars = len(req.text)
         max_tokens = req.max_tokens or req.max_new_tokens
         check_limits(len(req.text), max_tokens, [req.text], s)
         gen_req = sampling(s, build_prompt(req.text, s.format), max_tokens, req.temperature, req.top_p, req.seed)
@@ -163,7 +163,7 @@ def create_app(backend: Backend, audit: AuditLog, settings: ServeSettings | None
             safety_label=d.label,
             escalated=d.escalated,
             internal_reasoning_hash=d.thinking_sha256,
-            request_id=row["request_id"],
+            request_id=row.request_id,
             status=d.status,
             model=backend.model,
             detail=d.reason,
@@ -184,7 +184,7 @@ def create_app(backend: Backend, audit: AuditLog, settings: ServeSettings | None
         },
     )
     async def think(request: Request) -> Response:
-        row = new_row(backend, "/think")
+        row = new_record(backend, "/think")
         return await audited(audit, row, lambda: think_reply(request, row))
 
     chat.add_routes(app, backend, audit, s)

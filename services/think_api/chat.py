@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from services.think_api import chat_stream, openapi
-from services.think_api.audit import AuditLog
+from services.think_api.audit import AuditLog, AuditRecord
 from services.think_api.chat_models import (
     AssistantMessage,
     ChatCompletion,
@@ -29,7 +29,7 @@ from services.think_api.errors import ApiError, api_error_response
 from services.think_api.generation import Backend
 from services.think_api.http_input import check_key, read_body, validate_json
 from services.think_api.prompts import render_turns
-from services.think_api.replies import audited, generate_gated, new_row
+from services.think_api.replies import audited, generate_gated, new_record
 from services.think_api.serve_settings import ServeSettings, check_limits, sampling
 
 ENDPOINT = "/v1/chat/completions"
@@ -67,14 +67,14 @@ def add_routes(app: FastAPI, backend: Backend, audit: AuditLog, s: ServeSettings
     async def model(request: Request, model_id: str) -> Response:
         return keyed(request, model_id) or JSONResponse(card.model_dump())
 
-    async def reply(request: Request, row: dict) -> Response:
+    async def reply(request: Request, row: AuditRecord) -> Response:
         check_key(request, s.api_key)
         req = validate_json(await read_body(request, s.max_request_bytes), ChatCompletionRequest)
         _check_model(req, backend)
         turns = [(m.turn_role, m.text) for m in req.messages]
         texts = [text for _, text in turns]
-        row.update(prompt_chars=sum(map(len, texts)), stream=int(req.stream))
-        check_limits(row["prompt_chars"], req.token_limit, texts, s)
+        row.prompt_chars, row.stream = sum(map(len, texts)), req.stream
+        check_limits(row.prompt_chars, req.token_limit, texts, s)
         gen_req = sampling(s, render_turns(turns, s.format), req.token_limit, req.temperature, req.top_p, req.seed)
         gate_prompt = "\n".join(texts)  # what the thinking may restate, and the answer too
         if req.stream:
@@ -82,16 +82,14 @@ def add_routes(app: FastAPI, backend: Backend, audit: AuditLog, s: ServeSettings
             return await chat_stream.open_stream(backend, audit, s, gen_req, gate_prompt, row, include_usage)
         gen, d = await generate_gated(backend, gen_req, gate_prompt, row)
         if d.status == "withheld":
-            return JSONResponse(
-                withheld_body(d, row["request_id"]), status_code=502, headers={"x-should-retry": "false"}
-            )
+            return JSONResponse(withheld_body(d, row.request_id), status_code=502, headers={"x-should-retry": "false"})
         body = ChatCompletion(
-            id=f"chatcmpl-{row['request_id']}",
+            id=f"chatcmpl-{row.request_id}",
             created=int(time.time()),
             model=backend.model,
             choices=[Choice(message=AssistantMessage(content=d.answer), finish_reason=finish_reason(gen))],  # type: ignore[arg-type]
             usage=usage(gen),
-            so8t=so8t_info(d, row["request_id"]),
+            so8t=so8t_info(d, row.request_id),
         )
         return JSONResponse(body.model_dump())
 
@@ -113,5 +111,5 @@ def add_routes(app: FastAPI, backend: Backend, audit: AuditLog, s: ServeSettings
         },
     )
     async def completions(request: Request) -> Response:
-        row = new_row(backend, ENDPOINT)
+        row = new_record(backend, ENDPOINT)
         return await audited(audit, row, lambda: reply(request, row), openai=True)

@@ -13,7 +13,7 @@ def so8t_info(d: gate.Decision, request_id: str) -> So8tInfo:
     return So8tInfo(
         safety_label=d.label,
         escalated=d.escalated,
-        status=d.status,  # type: ignore[arg-type]
+        status=d.status,
         internal_reasoning_hash=d.thinking_sha256,
         request_id=request_id,
         detail=d.reason,

@@ -28,13 +28,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Send
 
 from services.think_api import gate
-from services.think_api.audit import AuditLog
+from services.think_api.audit import AuditLog, AuditRecord
 from services.think_api.chat_models import ChatCompletionChunk, ChatError, ChatErrorBody, ChunkChoice, Delta
 from services.think_api.chat_shapes import finish_reason, so8t_info, usage
 from services.think_api.errors import ApiError, openai_type
 from services.think_api.generation import Backend, BackendError, Generation, GenRequest
 from services.think_api.pump import END, SILENCE, BackendPump
-from services.think_api.replies import backend_api_error, decision_fields, finish_row, usage_fields
+from services.think_api.replies import backend_api_error, record_decision, record_sent, record_usage
 from services.think_api.serve_settings import ServeSettings
 from shared import logs
 
@@ -100,40 +100,40 @@ class _Stream:
     """One stream's state: the gate, the events, the audit row (written once)."""
 
     def __init__(
-        self, pump: BackendPump, audit: AuditLog, row: dict[str, Any], gate_prompt: str, model: str, include_usage: bool
+        self, pump: BackendPump, audit: AuditLog, row: AuditRecord, gate_prompt: str, model: str, include_usage: bool
     ):
         self.pump, self.audit, self.row, self.include_usage = pump, audit, row, include_usage
         self.gate = gate.StreamGate(gate_prompt)
-        self.chunks = Chunks(row["request_id"], model)
+        self.chunks = Chunks(row.request_id, model)
         self.audited = False
 
     async def close(self) -> None:
         """The stream is over: a row not written yet means the client went away before the end."""
         self.pump.stop()
         if not self.audited:
-            await self.write_row(status="cancelled", error="client_disconnected")
+            self.row.status, self.row.error = "cancelled", "client_disconnected"
+            await self.write_row()
 
-    async def write_row(self, **fields: Any) -> bool:
-        """Write the row (once): the gate's figures, what was sent, `fields`. False if the audit log failed."""
+    async def write_row(self) -> bool:
+        """Write the row (once), with the gate's figures of what was generated and sent. False if the audit log
+        failed."""
         self.audited = True
-        g = self.gate
-        self.row.setdefault("backend_ms", (time.perf_counter() - self.row["_t0"]) * 1000)
-        self.row.update(
-            {
-                "answer_sha256": gate.sha256(g.sent),
-                "answer_chars": len(g.sent),
-                "output_sha256": gate.sha256(g.reply),
-                "output_chars": len(g.reply),
-            },
-            **fields,
-        )
+        if self.row.backend_ms is None:
+            self.row.backend_ms = self.row.elapsed_ms()
+        record_sent(self.row, self.gate.reply, self.gate.sent)
         try:
             with anyio.CancelScope(shield=True):  # also when the client has gone and this task is cancelled
-                await run_in_threadpool(self.audit.append, finish_row(self.row, 200))
+                await run_in_threadpool(self.audit.append, self.row.finish(200))
             return True
         except Exception as err:
-            log.error("audit write failed for request %s: %s", self.row["request_id"], err)
+            log.error("audit write failed for request %s: %s", self.row.request_id, err)
             return False
+
+    def record(self, d: gate.Decision, gen: Generation | None) -> None:
+        """The decision on the reply and the backend's counts, into the row."""
+        record_decision(self.row, d, self.gate.reply, self.gate.sent)
+        if gen is not None:
+            record_usage(self.row, gen)
 
     async def answered(self, gen: Generation) -> AsyncIterator[str]:
         rest, d = self.gate.finish()
@@ -141,7 +141,8 @@ class _Stream:
             async for event in self.withheld(d, gen):
                 yield event
             return
-        if not await self.write_row(**decision_fields(d, self.gate.reply, self.gate.sent), **usage_fields(gen)):
+        self.record(d, gen)
+        if not await self.write_row():
             yield self.chunks.error(503, "audit_unavailable", "the request could not be audited; no more is sent")
             return
         if rest:
@@ -151,9 +152,8 @@ class _Stream:
             yield self.chunks.usage(gen)
 
     async def withheld(self, d: gate.Decision, gen: Generation | None = None) -> AsyncIterator[str]:
-        await self.write_row(
-            **decision_fields(d, self.gate.reply, self.gate.sent), **(usage_fields(gen) if gen else {})
-        )
+        self.record(d, gen)
+        await self.write_row()
         yield self.chunks.error(502, "withheld", gate.WITHHELD, d)
 
     async def failed(self, item: Any) -> AsyncIterator[str]:
@@ -163,9 +163,10 @@ class _Stream:
         elif item is END:
             status, code, message = 502, "backend_bad_response", "the backend's stream ended before its last part"
         else:
-            log.error("request %s: stream failed: %s", self.row["request_id"], type(item).__name__)
+            log.error("request %s: stream failed: %s", self.row.request_id, type(item).__name__)
             status, code, message = 500, "internal_error", "internal error"
-        await self.write_row(status="error", error=code)
+        self.row.status, self.row.error = "error", code
+        await self.write_row()
         yield self.chunks.error(status, code, message)
 
 
@@ -187,7 +188,7 @@ async def _events(pump: BackendPump, first: Any, st: _Stream, keepalive_s: float
                 last_sent = time.monotonic()
             item = await pump.get(last_sent + keepalive_s - time.monotonic())
         pump.stop()
-        st.row["backend_ms"] = (time.perf_counter() - st.row["_t0"]) * 1000
+        st.row.backend_ms = st.row.elapsed_ms()
         if st.gate.failure is not None:
             ending = st.withheld(st.gate.failure)
         elif isinstance(item, Generation):
@@ -207,20 +208,20 @@ async def open_stream(
     s: ServeSettings,
     req: GenRequest,
     gate_prompt: str,
-    row: dict[str, Any],
+    row: AuditRecord,
     include_usage: bool,
 ) -> Response:
     """Start the backend; an error before its first token is a plain HTTP error, after it an error event."""
     try:
         await run_in_threadpool(audit.check)
     except Exception as err:
-        log.error("audit log not writable for request %s: %s", row["request_id"], err)
+        log.error("audit log not writable for request %s: %s", row.request_id, err)
         raise ApiError(503, "audit_unavailable", "the request could not be audited; no answer is given") from None
     pump = BackendPump(backend, req)
     first = await pump.get(s.stream_keepalive_s)
     if isinstance(first, BaseException):
         pump.stop()
-        row["backend_ms"] = (time.perf_counter() - row["_t0"]) * 1000
+        row.backend_ms = row.elapsed_ms()
         if isinstance(first, BackendError):
             raise backend_api_error(first)
         raise first

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import unicodedata
 from dataclasses import dataclass
+from typing import Literal
 
 from shared.think_format import END, EOT, Label, parse
 
@@ -30,10 +31,12 @@ WITHHELD = (
 # request; an answer may too). Shorter overlaps (a number, a name, a short phrase) are ordinary.
 REPEAT_WINDOW = 16
 
+ReplyStatus = Literal["answered", "denied", "refused", "escalated", "withheld"]
+
 
 @dataclass(frozen=True)
 class Decision:
-    status: str  # answered | denied | refused | escalated | withheld
+    status: ReplyStatus
     http_status: int
     answer: str
     label: Label | None

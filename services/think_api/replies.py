@@ -9,13 +9,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from services.think_api import gate
-from services.think_api.audit import AuditLog
+from services.think_api.audit import AuditLog, AuditRecord
 from services.think_api.errors import ApiError, api_error_response, error_response
 from services.think_api.generation import Backend, BackendError, Generation, GenRequest
 from shared import logs
@@ -23,37 +22,34 @@ from shared import logs
 log = logs.get("think-api")
 
 
-def new_row(backend: Backend, endpoint: str, stream: bool = False) -> dict[str, Any]:
-    return {
-        "request_id": uuid.uuid4().hex,
-        "model": backend.model,
-        "backend": backend.name,
-        "escalated": 0,
-        "endpoint": endpoint,
-        "stream": int(stream),
-        "_t0": time.perf_counter(),
-    }
+def new_record(backend: Backend, endpoint: str, stream: bool = False) -> AuditRecord:
+    """The audit record of a request that just arrived: the one place a record is created."""
+    return AuditRecord(
+        request_id=uuid.uuid4().hex,
+        model=backend.model,
+        backend=backend.name,
+        escalated=False,
+        endpoint=endpoint,
+        stream=stream,
+    )
 
 
-def decision_fields(d: gate.Decision, output: str, sent: str) -> dict[str, Any]:
+def record_decision(row: AuditRecord, d: gate.Decision, output: str, sent: str) -> None:
     """The audit columns of a gated reply: hashes and lengths of the thinking, of the raw output and of `sent` (the
     answer text the client got), never the texts."""
-    return {
-        "status": d.status,
-        "error": d.reason,
-        "label": d.label,
-        "escalated": d.escalated,
-        "thinking_sha256": d.thinking_sha256,
-        "answer_sha256": gate.sha256(sent),
-        "output_sha256": gate.sha256(output),
-        "thinking_chars": d.thinking_chars,
-        "answer_chars": len(sent),
-        "output_chars": len(output),
-    }
+    row.status, row.error, row.label, row.escalated = d.status, d.reason, d.label, d.escalated
+    row.thinking_sha256, row.thinking_chars = d.thinking_sha256, d.thinking_chars
+    record_sent(row, output, sent)
 
 
-def usage_fields(gen: Generation) -> dict[str, Any]:
-    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens}
+def record_sent(row: AuditRecord, output: str, sent: str) -> None:
+    """Hashes and lengths of the raw output and of the answer text the client got."""
+    row.answer_sha256, row.answer_chars = gate.sha256(sent), len(sent)
+    row.output_sha256, row.output_chars = gate.sha256(output), len(output)
+
+
+def record_usage(row: AuditRecord, gen: Generation) -> None:
+    row.prompt_tokens, row.completion_tokens = gen.prompt_tokens, gen.completion_tokens
 
 
 def backend_api_error(err: BackendError) -> ApiError:
@@ -62,7 +58,7 @@ def backend_api_error(err: BackendError) -> ApiError:
 
 
 async def generate_gated(
-    backend: Backend, req: GenRequest, gate_prompt: str, row: dict[str, Any]
+    backend: Backend, req: GenRequest, gate_prompt: str, row: AuditRecord
 ) -> tuple[Generation, gate.Decision]:
     """A whole reply from the backend, gated; the row gets every figure of it."""
     t0 = time.perf_counter()
@@ -71,35 +67,29 @@ async def generate_gated(
     except BackendError as err:
         raise backend_api_error(err) from None
     finally:
-        row["backend_ms"] = (time.perf_counter() - t0) * 1000
+        row.backend_ms = (time.perf_counter() - t0) * 1000
     d = gate.decide(gen.text, gate_prompt)
-    row.update(decision_fields(d, gen.text, d.answer), **usage_fields(gen))
+    record_decision(row, d, gen.text, d.answer)
+    record_usage(row, gen)
     return gen, d
 
 
-def finish_row(row: dict[str, Any], http_status: int) -> dict[str, Any]:
-    """The row as the audit log takes it: its HTTP status and latency added, the bookkeeping keys dropped."""
-    out = {k: v for k, v in row.items() if not k.startswith("_")}
-    out.update(http_status=http_status, latency_ms=(time.perf_counter() - row["_t0"]) * 1000)
-    return out
-
-
 async def audited(
-    audit: AuditLog, row: dict[str, Any], handle: Callable[[], Awaitable[Response]], openai: bool = False
+    audit: AuditLog, row: AuditRecord, handle: Callable[[], Awaitable[Response]], openai: bool = False
 ) -> Response:
-    rid = row["request_id"]
+    rid = row.request_id
     try:
         resp = await handle()
     except ApiError as err:
-        row.update(status="rejected" if err.http_status < 500 else "error", error=err.code)
+        row.status, row.error = ("rejected" if err.http_status < 500 else "error"), err.code
         resp = api_error_response(err, rid, openai)
     except Exception as err:  # logged here by type only; the client gets a plain JSON 500
         log.error("request %s failed: %s", rid, type(err).__name__)
-        row.update(status="error", error="internal_error")
+        row.status, row.error = "error", "internal_error"
         resp = error_response(500, "internal_error", "internal error", rid, openai=openai)
     if not isinstance(resp, StreamingResponse):
         try:
-            await run_in_threadpool(audit.append, finish_row(row, resp.status_code))
+            await run_in_threadpool(audit.append, row.finish(resp.status_code))
         except Exception as err:  # fail closed: an answer that cannot be audited is not given
             log.error("audit write failed for request %s: %s", rid, err)
             return error_response(
