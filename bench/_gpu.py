@@ -2,7 +2,7 @@
 
     python bench/_gpu.py base   --preset full|tiny --out DIR
     python bench/_gpu.py bake   --base DIR --work DIR --dtype bfloat16 --json FILE
-    python bench/_gpu.py report --dir OUT [--dry-run]
+    python bench/_gpu.py report --dir OUT [--dry-run] [--seconds N]
 
 The base and the trained artifact come from bench/bake_memory.py (random weights of the real dimensions, streamed
 to disk; LoRA r 16 on every target and gates on every layer); the bake is the real CLI in a child process.
@@ -68,6 +68,63 @@ def _gpu() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
 
 
+def _gib(mib: float | None) -> str:
+    return f"{mib / 1024:.2f} GiB" if mib is not None else "-"
+
+
+def fit_rows(out: Path) -> tuple[list[dict], list[str]]:
+    """The fit-<profile>-<mode>.json figures as table rows, and one verdict line per profile (reentrant: what the
+    trainer runs)."""
+    rows, verdicts = [], []
+    for path in sorted(out.glob("fit-*.json")):
+        f = json.loads(path.read_text())
+        profile, mode = path.stem.split("-", 2)[1:]
+        if f.get("failed"):
+            rows.append(
+                {
+                    "measurement": f"fit {profile}: one step, {mode}",
+                    "gates": "-",
+                    "packing": "no",
+                    "seconds": "-",
+                    "real_tokens_per_s": "-",
+                    "gpu_memory": "-",
+                    "peak_rss": "-",
+                    "result": "FAILED (out of memory or error: see the log)",
+                }
+            )
+            if mode == "reentrant":
+                verdicts.append(f"{profile}: fits 12 GB: no (the step failed)")
+            continue
+        cuda = "device_peak_mib" in f
+        mem = (
+            (
+                f"{_gib(f['cuda_max_allocated_mib'])} alloc / {_gib(f['cuda_max_reserved_mib'])} reserved / "
+                f"{_gib(f['device_peak_mib'])} on the card"
+            )
+            if cuda
+            else "-"
+        )
+        rows.append(
+            {
+                "measurement": f"fit {profile}: one step on a {f['seq']}-token record, {mode} checkpointing",
+                "gates": f"{f['gates']} layers",
+                "packing": "no",
+                "seconds": f"{f['step_s']:.2f} / step",
+                "real_tokens_per_s": f"{f['seq'] / f['step_s']:,.0f}",
+                "gpu_memory": mem,
+                "peak_rss": _gib(f["peak_rss_mib"]),
+                "result": f"LM loss {f['loss']:.4f}",
+            }
+        )
+        if mode == "reentrant":
+            fits = ("yes" if f["fits_12gb"] else "no") if cuda else "n/a (no GPU)"
+            peak = _gib(f["device_peak_mib"]) if cuda else f"RSS {_gib(f['peak_rss_mib'])}"
+            verdicts.append(
+                f"{profile} (seq {f['seq']}, r {f['r']}, {f['gates']} gated layers): fits 12 GB: {fits}, peak {peak}"
+            )
+    return rows, verdicts
+
+
 def cmd_report(args) -> None:
     out = Path(args.dir)
     trainer = json.loads((out / "trainer.json").read_text())
@@ -102,6 +159,8 @@ def cmd_report(args) -> None:
                 ),
             }
         )
+    fits, verdicts = fit_rows(out)
+    rows += fits
     peak = bake["verify_cuda_peak_mib"]
     rows.append(
         {
@@ -132,7 +191,14 @@ def cmd_report(args) -> None:
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    print()
+    for line in verdicts:
+        print(f"- {line}")
+    if args.seconds is not None:
+        print(f"- bench/gpu.sh took {args.seconds // 60} min {args.seconds % 60} s")
     doc = {
+        "verdicts": verdicts,
+        "seconds": args.seconds,
         "dry_run": args.dry_run,
         "gpu": _gpu(),
         "host": platform.node(),
@@ -159,6 +225,7 @@ def main() -> None:
     r = sub.add_parser("report")
     r.add_argument("--dir", required=True)
     r.add_argument("--dry-run", action="store_true")
+    r.add_argument("--seconds", type=int, default=None, help="the whole run's duration, for the table's foot")
     args = ap.parse_args()
     {"base": cmd_base, "bake": cmd_bake, "report": cmd_report}[args.cmd](args)
 

@@ -12,6 +12,28 @@ from tqdm.auto import tqdm
 
 T = TypeVar("T")
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+# libraries that log the same warning on every call of a hot function: each of their message templates is shown
+# once (bitsandbytes 0.50 warns "MatMul8bitLt: inputs will be cast ..." on every int8 matmul, ~4,000 lines an
+# optimizer step of the full profile)
+ONCE_PER_MESSAGE = ("bitsandbytes",)
+
+
+class OncePerMessage(logging.Filter):
+    """Drops repeats of a message template logged under one of `prefixes` (the first one passes, with a note)."""
+
+    def __init__(self, prefixes: tuple[str, ...] = ONCE_PER_MESSAGE):
+        super().__init__()
+        self.prefixes, self.seen = prefixes, set[tuple[str, str]]()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefixes):
+            return True
+        key = (record.name, str(record.msg))
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        record.msg = f"{record.msg} (shown once; repeats of this message are not logged)"
+        return True
 
 
 def setup(level: str | int | None = None) -> None:
@@ -21,6 +43,7 @@ def setup(level: str | int | None = None) -> None:
     if not any(getattr(h, "_so8t", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+        handler.addFilter(OncePerMessage())
         handler._so8t = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)

@@ -11,6 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_TOKENIZER = Path(os.environ.get("SO8T_REAL_TOKENIZER", REPO.parent / "shared" / "fixtures" / "phi35-tokenizer"))
 
 os.environ.setdefault("SO8T_PROGRESS", "0")
+# The suite is the CPU's: on a GPU box the trainer would otherwise pick CUDA (and the gloo DDP test NCCL). Set before
+# anything imports torch, and inherited by every subprocess the tests start; bench/gpu.sh is what runs on a GPU.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture(scope="session")

@@ -395,3 +395,27 @@ def test_entry_points_help():
     for argv in ([str(so8t), "bake", "--help"], [sys.executable, "-m", "services.baker", "--help"]):
         out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout
         assert "--trained" in out and "--dtype" in out and "--base" in out
+
+
+def test_too_little_host_ram_for_the_verification_fails_at_once_naming_the_need(trained_dir, tmp_path, monkeypatch):
+    """A 16 GB desktop cannot hold Phi-3.5-mini in float32 beside everything else: the bake says so before the
+    merge (no OOM kill for the restart policy to repeat), and the previous bake stays."""
+    from services.baker import verify
+    from shared.errors import InputError
+
+    monkeypatch.delenv(verify.DEVICE_ENV, raising=False)
+    monkeypatch.setattr(verify, "available_ram", lambda: 200 << 20)
+    out = tmp_path / "baked"
+    out.mkdir()
+    (out / "previous.txt").write_text("the previous bake")
+    with pytest.raises(InputError, match=r"needs 1\.\d GiB of host RAM .* may use 0\.2 GiB") as err:
+        bake(trained_dir, out, BakeOptions(dtype="float32"))
+    assert "raise the container's memory limit" in str(err.value)
+    assert [p.name for p in out.iterdir()] == ["previous.txt"] and not leftovers(tmp_path)
+
+
+def test_available_ram_reads_meminfo_and_a_cgroup_limit():
+    from services.baker.verify import available_ram
+
+    meminfo = int(next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable:")).split()[1]) * 1024
+    assert 0 < available_ram() <= meminfo

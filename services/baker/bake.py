@@ -19,7 +19,7 @@ from typing import Any
 from services.baker import inputs as bake_inputs
 from services.baker.inputs import BakeInputError, BakeInputs
 from services.baker.options import BakeOptions
-from services.baker.verify import PROMPTS, AttachGates, verify
+from services.baker.verify import PROMPTS, AttachGates, plan_placement, verify
 from services.baker.weights import DTYPES, Fold, tensor_names, write_weights
 from shared import atomic, logs, manifest, stage
 from shared.config import config_hash
@@ -152,6 +152,7 @@ def _write(inp: BakeInputs, tmp: Path, opts: BakeOptions, fold: Fold, attach: At
     """The merged and folded weights, plain config and tokenizer into `tmp`, then the verification."""
     dtype = DTYPES[opts.dtype]
     timings: dict[str, float] = {}
+    place = plan_placement(inp.base.path)  # before any work: too little memory for the check fails here, at once
     t0 = time.time()
     weights = write_weights(inp, tmp, dtype, int(opts.max_shard_gb * 2**30), fold)
     cfg = plain_config(inp.base.config, opts.dtype)
@@ -161,7 +162,7 @@ def _write(inp: BakeInputs, tmp: Path, opts: BakeOptions, fold: Fold, attach: At
     check_names(tmp)
     timings["write_s"], rss_write = round(time.time() - t0, 2), _peak_rss_mib()
     t0 = time.time()
-    report = verify(tmp, inp.base.path, inp.trained, inp.gates, dtype, opts, attach)
+    report = verify(tmp, inp.base.path, inp.trained, inp.gates, dtype, opts, attach, place)
     timings["verify_s"] = round(time.time() - t0, 2)
     metrics = {
         "verification": report,

@@ -9,10 +9,14 @@ baked model is loaded. On the reference the same forward also gives
   rounds them (`round_like_bake`), without using the fold. That is what rounding alone costs, and it sets the
   bar for a low-precision bake (see `BakeOptions`).
 
-Device: the forwards run on the GPU when CUDA is present and the float32 model fits in its free memory (the CPU
-reference of Phi-3.5-mini needs 15 GB of RAM and minutes), else on the CPU; `SO8T_VERIFY_DEVICE=cpu|cuda`
-forces one. Both models run on the same device, in true float32 (TF32 matmuls off for the check); the logits
-come back to the CPU for the comparison. The report says which device and, on CUDA, the peak memory.
+Placement (`plan_placement`, decided before the bake writes anything): the whole float32 model on the GPU when it
+fits in its free memory; when it does not (Phi-3.5-mini needs 15.3 GB: more than a 12 GB card), split between the
+GPU and host RAM (accelerate's device_map with max_memory), so host RAM carries only the rest; without CUDA, all of
+it in host RAM (and minutes). Whatever must live in host RAM is checked against the memory this process may use
+(MemAvailable, and the cgroup's limit in a container) first: too little is an error naming what is needed and how
+to get it, not an OOM kill that the restart policy repeats. `SO8T_VERIFY_DEVICE=cpu|cuda` forces a device. Both
+models run with the same placement, in true float32 (TF32 matmuls off for the check); the logits come back to the
+CPU for the comparison. The report says where they ran and, on CUDA, the peak memory.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import gc
 import os
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +34,7 @@ import torch
 
 from services.baker.options import BakeOptions
 from shared import logs
-from shared.errors import CheckFailed
+from shared.errors import CheckFailed, InputError
 from shared.think_format import Thinking, render_assistant, render_chat
 
 log = logs.get("bake")
@@ -120,29 +125,99 @@ def float32_bytes(base: Path) -> int:
     return 4 * sum(p.numel() for p in model.parameters())
 
 
-def choose_device(base: Path) -> torch.device:
-    """CUDA when present and the float32 model fits in its free memory; the CPU otherwise (or as $SO8T_VERIFY_DEVICE
-    says)."""
+_GPU_SHARE = 0.9  # of the free GPU memory, for the weights of a split model (the rest: activations, allocator)
+_HOST_SLACK = 1 << 30  # host RAM beyond the weights: torch, the tokenizer, the logits, the allocator
+
+
+class NotEnoughMemory(InputError, MemoryError):
+    """The verification's float32 model cannot fit where it would have to run."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the verification's float32 models live: `device` for the inputs, `gpu_bytes`/`host_bytes` of weights."""
+
+    device: torch.device
+    gpu_bytes: int
+    host_bytes: int
+
+    @property
+    def split(self) -> bool:
+        return self.gpu_bytes > 0 and self.host_bytes > 0
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """from_pretrained's arguments: straight onto the GPU, split GPU/CPU, or as the CPU path always loaded."""
+        if self.split:
+            index = self.device.index or 0
+            return {"device_map": "auto", "max_memory": {index: self.gpu_bytes, "cpu": self.host_bytes + _HOST_SLACK}}
+        return {"device_map": {"": self.device}} if self.device.type == "cuda" else {}
+
+    def describe(self) -> str:
+        if self.split:
+            gib = f"{self.gpu_bytes / 2**30:.1f} GiB GPU, {self.host_bytes / 2**30:.1f} GiB RAM"
+            return f"{self.device} + cpu (split: {gib})"
+        return (
+            str(self.device)
+            if self.device.type == "cpu"
+            else f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+        )
+
+
+def available_ram() -> int:
+    """Bytes this process may still allocate: MemAvailable, capped by its cgroup's memory limit (a container's)."""
+    avail = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    limits = []
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    ):
+        with contextlib.suppress(OSError, ValueError):
+            limit = Path(limit_file).read_text().strip()
+            if limit != "max" and int(limit) < 1 << 60:
+                limits.append(int(limit) - int(Path(usage_file).read_text().strip()))
+    known = [v for v in (avail, *limits) if v is not None]
+    return max(0, min(known)) if known else 1 << 62
+
+
+def _check_ram(host_bytes: int, where: str) -> None:
+    need, have = host_bytes + _HOST_SLACK, available_ram()
+    if need > have:
+        raise NotEnoughMemory(
+            f"the bake's verification needs {need / 2**30:.1f} GiB of host RAM ({where}) and this process may use "
+            f"{have / 2**30:.1f} GiB: give it more memory (close other programs, or raise the container's memory "
+            f"limit), bake on a machine with a GPU of at least {host_bytes * 1.1 / 2**30:.0f} GiB free, or bake to "
+            "float32 on a bigger machine; nothing was written"
+        )
+
+
+def plan_placement(base: Path) -> Placement:
+    """GPU when the float32 model fits in its free memory, GPU + host RAM when it does not, else host RAM (or as
+    $SO8T_VERIFY_DEVICE says); the host RAM part checked first."""
     forced = os.environ.get(DEVICE_ENV, "").strip().lower()
     if forced not in ("", "cpu", "cuda"):
         raise ValueError(f"{DEVICE_ENV}={forced!r}: expected cpu or cuda")
+    need = int(float32_bytes(base) * _MARGIN)
     if forced == "cpu" or not torch.cuda.is_available():
         if forced == "cuda":
             raise RuntimeError(f"{DEVICE_ENV}=cuda but CUDA is not available")
-        return torch.device("cpu")
+        _check_ram(need, "the float32 model on the CPU")
+        return Placement(torch.device("cpu"), 0, need)
     device = torch.device("cuda", torch.cuda.current_device())
-    if forced == "cuda":
-        return device
     free, _ = torch.cuda.mem_get_info(device)
-    need = float32_bytes(base) * _MARGIN
-    if need > free:
-        log.info(
-            "verification on the CPU: the float32 model needs %.1f GiB, the GPU has %.1f GiB free",
-            need / 2**30,
-            free / 2**30,
-        )
-        return torch.device("cpu")
-    return device
+    if forced == "cuda" or need <= free:
+        return Placement(device, need, 0)
+    gpu = int(free * _GPU_SHARE)
+    log.info(
+        "verification split between GPU and CPU: the float32 model needs %.1f GiB, the GPU has %.1f GiB free",
+        need / 2**30,
+        free / 2**30,
+    )
+    _check_ram(need - gpu, f"the part of the float32 model beyond the GPU's {free / 2**30:.1f} GiB free")
+    return Placement(device, gpu, need - gpu)
 
 
 @contextlib.contextmanager
@@ -156,11 +231,6 @@ def true_float32() -> Iterator[None]:
     finally:
         torch.set_float32_matmul_precision(matmul)
         torch.backends.cudnn.allow_tf32 = cudnn
-
-
-def _placement(device: torch.device) -> dict[str, Any]:
-    """from_pretrained's arguments to load straight onto `device` (the CPU path loads as it always did)."""
-    return {"device_map": {"": device}} if device.type == "cuda" else {}
 
 
 def _free(device: torch.device) -> None:
@@ -203,15 +273,16 @@ def reference_logits(
     ids: list[torch.Tensor],
     dtype: torch.dtype,
     attach: AttachGates,
-    device: torch.device = torch.device("cpu"),
+    place: Placement = Placement(torch.device("cpu"), 0, 0),
 ) -> dict[str, list[torch.Tensor]]:
     """Logits of the model as trained (float32), of its un-rotated twin and, for a low-precision bake, of its
     dtype-rounded twin."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **_placement(device))
-    model = PeftModel.from_pretrained(model, trained, is_trainable=False).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **place.load_kwargs())
+    model = PeftModel.from_pretrained(model, trained, is_trainable=False)
+    model = (model if place.split else model.to(place.device)).eval()  # a split model stays where accelerate put it
     modules = attach(model, {i: A.clone() for i, A in gates.items()}, sorted(gates), 0.0)
     if sorted(modules) != sorted(gates):
         raise RuntimeError(f"attach_gates gated layers {sorted(modules)}, expected {sorted(gates)}")
@@ -226,7 +297,7 @@ def reference_logits(
         round_like_bake(model, set(gates), dtype, exact={id(g.A) for g in modules.values()})
         out["dtype_noise"] = forward_logits(model, ids)
     del model, modules
-    _free(device)
+    _free(place.device)
     return out
 
 
@@ -252,13 +323,13 @@ def round_like_bake(model, gated: set[int], dtype: torch.dtype, exact: set[int])
 
 @torch.no_grad()
 def baked_logits(
-    out_dir: Path, ids: list[torch.Tensor], device: torch.device = torch.device("cpu")
+    out_dir: Path, ids: list[torch.Tensor], place: Placement = Placement(torch.device("cpu"), 0, 0)
 ) -> list[torch.Tensor]:
     """Reload the saved directory exactly as any user would: stock class, no remote code, upcast to float32."""
     from transformers import AutoModelForCausalLM, Phi3ForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(
-        out_dir, dtype=torch.float32, output_loading_info=True, **_placement(device)
+        out_dir, dtype=torch.float32, output_loading_info=True, **place.load_kwargs()
     )
     if type(model) is not Phi3ForCausalLM:
         raise RuntimeError(f"{out_dir}: reloaded as {type(model).__name__}, not transformers' Phi3ForCausalLM")
@@ -267,7 +338,7 @@ def baked_logits(
         raise RuntimeError(f"{out_dir}: the stock model does not match the saved tensors: {problems}")
     out = forward_logits(model.eval(), ids)
     del model
-    _free(device)
+    _free(place.device)
     return out
 
 
@@ -279,23 +350,25 @@ def verify(
     dtype: torch.dtype,
     opts: BakeOptions = BakeOptions(),
     attach: AttachGates | None = None,
+    place: Placement | None = None,
 ) -> dict[str, Any]:
     """Compare the saved model with the model as trained; raises VerificationFailed (with the figures) when a
-    bound is exceeded."""
+    bound is exceeded. `place`: plan_placement(base) unless given (the bake plans it before writing)."""
     from transformers import AutoTokenizer
 
     ids = prompt_ids(AutoTokenizer.from_pretrained(out_dir))
-    device = choose_device(base)
+    place = place or plan_placement(base)
+    device = place.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with true_float32():
-        ref = reference_logits(base, trained, gates, ids, dtype, attach or default_attach(), device)
-        got = baked_logits(out_dir, ids, device)
+        ref = reference_logits(base, trained, gates, ids, dtype, attach or default_attach(), place)
+        got = baked_logits(out_dir, ids, place)
     baked = compare(ref["gated"], got)
     noise = compare(ref["gated"], ref["dtype_noise"]) if "dtype_noise" in ref else None
     bounds = opts.bounds(noise)
     report = {
-        "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "device": place.describe(),
         "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "prompts": len(ids),
         "baked_vs_gated": baked,

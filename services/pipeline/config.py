@@ -15,7 +15,8 @@ from services.converter.options import ConvertOptions
 from services.dataset.options import DatasetOptions
 from services.eval.options import EvalOptions
 from services.tiny_model.options import TinyOptions
-from services.trainer.config import BaseModelId, MaxSteps, Seed
+from services.trainer.config import BaseModelId
+from services.trainer.options import TrainOptions
 from shared.config import StrictModel
 from shared.layout import GgufType
 
@@ -29,15 +30,13 @@ class DatasetStage(DatasetOptions):
     )
 
 
-class TrainStage(StrictModel):
+class TrainStage(TrainOptions):
     config: str = Field("configs/train/tiny.yaml", description="training profile")
     base_model: BaseModelId = Field(
         "tiny",
         description="hub id, local directory, or 'tiny' for the tiny random "
         "Phi-3 (built once under <data>/models/tiny)",
     )
-    max_steps: MaxSteps | None = None
-    seed: Seed | None = None
 
 
 class ConvertStage(ConvertOptions):

@@ -8,6 +8,7 @@ spells a stage's command line. Kept free of heavy imports (it runs in every imag
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,9 @@ from services.dataset.options import DatasetOptions
 from services.eval.options import EvalOptions
 from services.pipeline.config import PipelineConfig
 from services.tiny_model.options import TinyOptions
+from services.trainer.options import TrainOptions
 from shared import flags
+from shared.errors import InputError
 from shared.layout import Layout, ollama_tag
 
 TINY = "tiny"  # train.base_model value for the tiny random Phi-3 (built once under <data>/models/tiny)
@@ -34,6 +37,23 @@ class Stage:
 
 def _py(module: str, *args: str) -> tuple[str, ...]:
     return (sys.executable, "-m", module, *args)
+
+
+def trainer(args: list[str], gpus: str | None = None) -> tuple[str, ...]:
+    """The trainer's command: under torchrun (DDP, one process per GPU) when given more than one GPU.
+
+    `gpus`: $SO8T_GPUS by default, the count compose reserves for the trainer ("all": every GPU the container sees).
+    """
+    gpus = (gpus if gpus is not None else os.environ.get("SO8T_GPUS", "1")).strip().lower() or "1"
+    if gpus == "all":
+        per_node = "gpu"  # torchrun's own: one process per visible GPU
+    elif gpus.isdigit() and int(gpus) >= 1:
+        per_node = gpus
+    else:
+        raise InputError(f"SO8T_GPUS={gpus!r}: expected a number of GPUs (1, 2, ...) or 'all'")
+    if per_node == "1":
+        return _py("services.trainer", *args)
+    return _py("torch.distributed.run", "--standalone", f"--nproc-per-node={per_node}", "-m", "services.trainer", *args)
 
 
 def base_model(cfg: PipelineConfig, layout: Layout) -> str:
@@ -54,9 +74,7 @@ def plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
     dataset = [*_each("--input", d.inputs or [str(layout.input_glob)]), "--output", str(ds)]
     dataset += flags.to_argv(d, DatasetOptions)
     train = ["--config", t.config, "--dataset", str(ds / "train.jsonl"), "--output-dir", str(run.train)]
-    train += ["--base-model", base]
-    train += ["--max-steps", str(t.max_steps)] if t.max_steps else []
-    train += ["--seed", str(t.seed)] if t.seed is not None else []
+    train += flags.to_argv(t.model_copy(update={"base_model": base}), TrainOptions)
     bake = ["--trained", str(run.final), "--output", str(run.baked), *flags.to_argv(cfg.bake)]
     convert = ["--model", str(run.baked), "--output-dir", str(run.gguf), "--name", c.name]
     convert += flags.to_argv(c, ConvertOptions)
@@ -74,7 +92,7 @@ def plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
     if t.base_model == TINY:  # the demo's base, pre-trained on the train split (services/tiny_model/pretrain.py)
         stages.append(Stage("tiny-model", (_py("services.tiny_model", *tiny),), Path(base), ("dataset",)))
     stages += [
-        Stage("train", (_py("services.trainer", *train),), run.final, (stages[-1].name,)),
+        Stage("train", (trainer(train),), run.final, (stages[-1].name,)),
         Stage("bake", (_py("services.baker", *bake),), run.baked, ("train",)),
         Stage("convert", (_py("services.converter", *convert),), run.gguf, ("bake",)),
         Stage("eval", (_py("services.eval", *evaluate),), run.eval, ("convert",)),

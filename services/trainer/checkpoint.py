@@ -28,12 +28,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from services.trainer import artifact
 from shared import atomic, logs
-from shared.errors import write_failure
+from shared.errors import InputError, write_failure
 from shared.layout import TRAINING_SESSION
 from shared.manifest import sha256_file, utc_stamp
 
@@ -46,6 +47,13 @@ STATE_PT = "training_state.pt"
 OPTIMIZER = "optimizer.pt"
 SESSION = TRAINING_SESSION
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+if TYPE_CHECKING:
+    from services.trainer.loop import State
+
+
+class ResumeError(InputError, RuntimeError):
+    """The newest good checkpoint cannot continue this run (other config, dataset or base model)."""
 
 
 @dataclass
@@ -169,6 +177,67 @@ def load_pt(path: Path, name: str) -> Any:
     return torch.load(path / name, map_location="cpu", weights_only=True)
 
 
+# --- what a checkpoint holds: save and restore ----------------------------------------------------------------
+
+
+def save(root: Path, s: State, trainer_state: dict[str, Any], rngs: list[dict[str, Any]], keep: int) -> Path:
+    """Write checkpoint-<step> of training state `s` (main process; `rngs`: every rank's RNG states), keep the
+    newest `keep`."""
+    from services.trainer.gates import gate_tensors
+
+    def fill(tmp: Path) -> None:
+        artifact.save_adapter(s.peft, tmp)
+        artifact.save_gate_file(tmp, gate_tensors(s.gates), s.hidden)
+        torch.save(s.optimizer.state_dict(), tmp / OPTIMIZER)
+        scaler = s.precision.scaler
+        extra = {"scheduler": s.scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None, "rng": rngs}
+        torch.save(extra, tmp / STATE_PT)
+        atomic.write_json(tmp / STATE_JSON, trainer_state)
+
+    path = write(root, trainer_state["step"], fill)
+    prune(root, keep)
+    log.info("checkpoint %s written", path.name)
+    return path
+
+
+def restore(path: Path, s: State, identity: dict[str, Any], rank: int) -> dict[str, Any]:
+    """Load checkpoint `path` into `s` (adapter, gates, optimizer, scheduler, scaler, this rank's RNG states);
+    returns its trainer_state.json. Refuses one whose `identity` keys differ from this run's."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from shared.so8 import load_gates
+
+    state = read_state(path)
+    diff = [k for k, v in identity.items() if state.get(k) != v]
+    if diff:
+        raise ResumeError(
+            f"{path} belongs to another run (differs in {', '.join(diff)}); restore the original "
+            f"settings or start over with --fresh"
+        )
+    saved = load_file(str(path / artifact.ADAPTER_WEIGHTS))
+    set_peft_model_state_dict(s.peft, saved)
+    now = get_peft_model_state_dict(s.peft)
+    bad = [k for k in saved if k not in now or not torch.equal(now[k].cpu(), saved[k])]
+    if bad or set(now) != set(saved):
+        raise ResumeError(
+            f"{path}: adapter tensors do not fit the model ({bad[:3] or sorted(set(now) ^ set(saved))[:3]})"
+        )
+    gates, _ = load_gates(path / artifact.GATES)
+    if sorted(gates) != sorted(s.gates):
+        raise ResumeError(f"{path}: gates cover layers {sorted(gates)}, the model has {sorted(s.gates)}")
+    with torch.no_grad():
+        for i, g in s.gates.items():
+            g.A.copy_(gates[i].to(g.A.device))
+    s.optimizer.load_state_dict(load_pt(path, OPTIMIZER))
+    extra = load_pt(path, STATE_PT)
+    s.scheduler.load_state_dict(extra["scheduler"])
+    if s.precision.scaler is not None and extra.get("scaler"):
+        s.precision.scaler.load_state_dict(extra["scaler"])
+    set_rng_state(extra["rng"][rank])
+    return state
+
+
 # --- RNG states -------------------------------------------------------------------------------------------
 
 
@@ -182,7 +251,9 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's own device only (each rank saves its own): all visible devices' states would tie the
+        # checkpoint to this machine's GPU count
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -194,8 +265,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # checkpoints before the own-device format: every device's states
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 # --- training_session.json ----------------------------------------------------------------------------------

@@ -11,9 +11,8 @@ import argparse
 import os
 
 from services.trainer.config import TrainConfig
+from services.trainer.options import TrainOptions
 from shared import flags
-
-OVERRIDES = ("model.base_model", "train.max_steps", "train.seed")  # flags that override the profile's values
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="val.jsonl for train.eval_steps (default: the val.jsonl beside --dataset, if any)",
     )
-    flags.add(p, TrainConfig, OVERRIDES, overrides=True)
+    flags.add(p, TrainOptions)
     p.add_argument(
         "--fresh",
         action="store_true",
@@ -36,17 +35,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from shared.config import load_config
 
-    cfg = load_config(TrainConfig, args.config, flags.given(args, TrainConfig, OVERRIDES))
+    opts = flags.parse(TrainOptions, args)
+    cfg = load_config(TrainConfig, args.config, opts.config_overrides())
     if cfg.train.deterministic:  # read by MKL / cuBLAS when they initialise, so before torch is imported
         os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # read by the CUDA caching allocator when it starts: fragmentation is what OOMs a long-sequence QLoRA run
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
     from services.trainer import distributed
     from services.trainer.loop import train
 
     dist = distributed.setup()
     try:
-        result = train(cfg, args.dataset, args.output_dir, dist, fresh=args.fresh, val_dataset=args.val_dataset)
+        result = train(
+            cfg,
+            args.dataset,
+            args.output_dir,
+            dist,
+            fresh=args.fresh,
+            val_dataset=args.val_dataset,
+            allow_cpu=opts.allow_cpu,
+        )
     finally:
         dist.close()
     if dist.main:

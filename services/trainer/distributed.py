@@ -58,6 +58,13 @@ class Dist:
             dist.destroy_process_group()
 
 
+def backend(cuda: bool) -> str:
+    """The process group's backends: NCCL for CUDA tensors, gloo for CPU ones (the loop's figures, object
+    collectives). A plain "nccl" group has no backend for CPU tensors in torch 2.13: the first all-reduce of
+    a CPU tensor fails with "No backend type associated with device type cpu"."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def setup() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -67,7 +74,7 @@ def setup() -> Dist:
         torch.cuda.set_device(device)
     if world > 1:
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
+            dist.init_process_group(backend(cuda), device_id=device if cuda else None)
         return Dist(dist.get_rank(), dist.get_world_size(), local, device)
     return Dist(0, 1, 0, device)
 

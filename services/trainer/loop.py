@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from services.trainer import artifact, checkpoint, data
+from services.trainer import device as device_setup
 from services.trainer import model as mdl
 from services.trainer.config import TrainConfig
 from services.trainer.distributed import Dist, fingerprint
@@ -37,18 +38,13 @@ from services.trainer.gates import StepRotations, attach_gates, clear_rotations,
 from services.trainer.metrics import MetricsSink
 from services.trainer.objective import Objective
 from services.trainer.validation import Validation
-from shared import atomic, logs, manifest, stage
+from shared import logs, manifest, stage
 from shared.config import ConfigError
-from shared.errors import InputError
 from shared.pet import PetSchedule, Phase
-from shared.so8 import SO8Gate, load_gates
+from shared.so8 import SO8Gate
 
 log = logs.get("trainer")
 SESSION_EVERY_S = 5.0
-
-
-class ResumeError(InputError, RuntimeError):
-    """The newest good checkpoint cannot continue this run (other config, dataset or base model)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -61,9 +57,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@dataclass
+@dataclass(frozen=True)
+class Precision:
+    """The compute dtype of the forwards (training and validation alike) and the fp16 grad scaler."""
+
+    device_type: str
+    dtype: torch.dtype
+    scaler: torch.amp.GradScaler | None
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+
+@dataclass(kw_only=True)
 class State:
-    """Everything build() sets up for one training session."""
+    """Everything one training session holds, built by Run's _setup_* steps."""
 
     tokenizer: Any
     data: data.Dataset
@@ -76,9 +84,7 @@ class State:
     trainable: list[torch.nn.Parameter]  # LoRA parameters, then gate parameters
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    amp_dtype: torch.dtype
-    use_amp: bool
-    scaler: torch.amp.GradScaler | None
+    precision: Precision
     objective: Objective
     forward: torch.nn.Module  # the objective, DDP-wrapped when distributed
     validation: Validation | None  # train.eval_steps on val.jsonl
@@ -90,6 +96,15 @@ class Resumed:
     position: int  # micro-batch index of the data stream
     name: str | None  # the checkpoint resumed from
     validation: tuple = ()  # the validation history up to that checkpoint
+
+
+@dataclass(frozen=True)
+class Model:
+    peft: torch.nn.Module
+    gates: dict[int, SO8Gate]
+    hidden: int
+    lora_params: list[torch.nn.Parameter]
+    gate_params: list[torch.nn.Parameter]
 
 
 class Run:
@@ -112,32 +127,50 @@ class Run:
         self.inputs = {"dataset": manifest.describe_input(dataset), "base_model": base_input}
         self.spec = stage.Spec(artifact.STAGE, self.final_dir, self.inputs, cfg.model_dump(mode="json"), self.digest)
 
-    # --- setup -----------------------------------------------------------------------------------------------
+    # --- setup, in order ---------------------------------------------------------------------------------------
 
     def build(self) -> State:
-        cfg, dev = self.cfg, self.dist.device
-        seed_everything(cfg.train.seed)
+        seed_everything(self.cfg.train.seed)
         tokenizer = mdl.load_tokenizer(self.base)
-        ds = data.load(self.dataset, tokenizer, cfg.train.seq_len, cfg.train.sample, cfg.train.seed)
-        order = data.Order(len(ds.examples), cfg.train.batch_size, cfg.train.seed)
-        accum, world = cfg.train.grad_accum, self.dist.world
-        total = data.total_steps(order.per_epoch, cfg.train.epochs, world, accum, cfg.train.max_steps)
-        pet = PetSchedule(total, [Phase(p.name, p.fraction, p.weight) for p in cfg.pet.phases])
-        log.info(
-            "data: %d records (%d tokens, %d truncated, %d skipped) from %s; %d steps of %d×%d×%d records%s",
-            len(ds.examples),
-            ds.tokens,
-            ds.truncated,
-            ds.dropped,
-            self.dataset,
-            total,
-            cfg.train.batch_size,
-            accum,
-            world,
-            f", packed into rows of at most {cfg.train.seq_len} tokens" if cfg.train.packing else "",
+        ds, order, total = self._setup_data(tokenizer)
+        m = self._setup_model()
+        optimizer, scheduler = self._setup_optimizer(m, total)
+        precision = self._setup_precision()
+        objective = Objective(m.peft, m.gates, self.cfg.pet.enabled, self.cfg.pet.huber_delta)
+        return State(
+            tokenizer=tokenizer,
+            data=ds,
+            order=order,
+            total=total,
+            pet=PetSchedule(total, [Phase(p.name, p.fraction, p.weight) for p in self.cfg.pet.phases]),
+            peft=m.peft,
+            gates=m.gates,
+            hidden=m.hidden,
+            trainable=m.lora_params + m.gate_params,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            precision=precision,
+            objective=objective,
+            forward=self._setup_forward(objective, m.gate_params),
+            validation=self._setup_validation(tokenizer, precision),
         )
 
-        base_model = mdl.load_base(cfg.model, self.base, dev)
+    def _setup_data(self, tokenizer) -> tuple[data.Dataset, data.Order, int]:
+        t = self.cfg.train
+        ds = data.load(self.dataset, tokenizer, t.seq_len, t.sample, t.seed)
+        order = data.Order(len(ds.examples), t.batch_size, t.seed)
+        total = data.total_steps(order.per_epoch, t.epochs, self.dist.world, t.grad_accum, t.max_steps)
+        log.info(
+            "data: %d records (%d tokens, %d truncated, %d skipped) from %s; %d steps of %d×%d×%d records%s",
+            *(len(ds.examples), ds.tokens, ds.truncated, ds.dropped, self.dataset),
+            *(total, t.batch_size, t.grad_accum, self.dist.world),
+            f", packed into rows of at most {t.seq_len} tokens" if t.packing else "",
+        )
+        return ds, order, total
+
+    def _setup_model(self) -> Model:
+        cfg = self.cfg
+        base_model = mdl.load_base(cfg.model, self.base, self.dist.device)
         peft = mdl.add_lora(base_model, cfg.lora, self.base, cfg.train.seed)
         gates = {}
         if cfg.gates.enabled:
@@ -145,71 +178,55 @@ class Run:
         gate_params = [g.A for g in gates.values()]
         gate_ids = {id(p) for p in gate_params}
         lora_params = [p for p in peft.parameters() if p.requires_grad and id(p) not in gate_ids]
-        groups = [{"params": lora_params, "weight_decay": cfg.optim.weight_decay}]
-        if gate_params:
-            groups.append({"params": gate_params, "weight_decay": 0.0})  # decay would pull rotations to identity
-        optimizer = mdl.build_optimizer(cfg.optim, groups, dev)
-        scheduler = mdl.build_scheduler(cfg.optim, optimizer, total)
-        amp_dtype = mdl.compute_dtype(cfg.model, dev)
-        use_amp = dev.type == "cuda" and amp_dtype != torch.float32
-        scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
-        objective = Objective(peft, gates, cfg.pet.enabled, cfg.pet.huber_delta)
-        forward: torch.nn.Module = objective
-        if self.dist.active:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            # the gates get their gradient once per step, after the forwards (StepRotations.backward averages it
-            # over the ranks): DDP's reducer must not wait for it
-            ignored = [n for n, p in objective.named_parameters() if id(p) in gate_ids]
-            DDP._set_params_and_buffers_to_ignore_for_model(objective, ignored)
-            forward = DDP(objective, device_ids=[dev.index] if dev.type == "cuda" else None)
-        validation = None
-        if cfg.train.eval_steps and self.val_dataset is not None:
-            val = data.load(self.val_dataset, tokenizer, cfg.train.seq_len, cfg.train.eval_max_records, cfg.train.seed)
-            validation = Validation(val, cfg.train.eval_steps, tokenizer.pad_token_id, dev)
-            log.info(
-                "validation: %d records (%d target tokens) of %s every %d steps",
-                len(val.examples),
-                sum(e.n_targets for e in val.examples),
-                self.val_dataset,
-                cfg.train.eval_steps,
-            )
         log.info(
             "model: %s (%s, %s), LoRA r=%d α=%g on %s: %d params; gates on layers %s: %d params; device %s",
-            self.base,
-            cfg.model.quantization,
-            str(amp_dtype).replace("torch.", ""),
-            cfg.lora.r,
-            cfg.lora.alpha,
-            ",".join(cfg.lora.target_modules),
-            sum(p.numel() for p in lora_params),
-            sorted(gates) or "none",
-            sum(p.numel() for p in gate_params),
-            dev,
+            *(self.base, cfg.model.quantization, cfg.model.precision, cfg.lora.r, cfg.lora.alpha),
+            *(",".join(cfg.lora.target_modules), sum(p.numel() for p in lora_params)),
+            *(sorted(gates) or "none", sum(p.numel() for p in gate_params), self.dist.device),
         )
-        return State(
-            tokenizer,
-            ds,
-            order,
-            total,
-            pet,
-            peft,
-            gates,
-            base_model.config.hidden_size,
-            lora_params + gate_params,
-            optimizer,
-            scheduler,
-            amp_dtype,
-            use_amp,
-            scaler,
-            objective,
-            forward,
-            validation,
+        return Model(peft, gates, base_model.config.hidden_size, lora_params, gate_params)
+
+    def _setup_optimizer(self, m: Model, total: int) -> tuple[torch.optim.Optimizer, Any]:
+        cfg = self.cfg.optim
+        groups = [{"params": m.lora_params, "weight_decay": cfg.weight_decay}]
+        if m.gate_params:
+            groups.append({"params": m.gate_params, "weight_decay": 0.0})  # decay would pull rotations to identity
+        optimizer = mdl.build_optimizer(cfg, groups, self.dist.device)
+        return optimizer, mdl.build_scheduler(cfg, optimizer, total)
+
+    def _setup_precision(self) -> Precision:
+        dev = self.dist.device
+        dtype = mdl.compute_dtype(self.cfg.model, dev)
+        scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" and dtype == torch.float16 else None
+        return Precision(dev.type, dtype, scaler)
+
+    def _setup_forward(self, objective: Objective, gate_params: list[torch.nn.Parameter]) -> torch.nn.Module:
+        if not self.dist.active:
+            return objective
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # the gates get their gradient once per step, after the forwards (StepRotations.backward averages it over
+        # the ranks): DDP's reducer must not wait for it
+        gate_ids = {id(p) for p in gate_params}
+        ignored = [n for n, p in objective.named_parameters() if id(p) in gate_ids]
+        DDP._set_params_and_buffers_to_ignore_for_model(objective, ignored)
+        dev = self.dist.device
+        return DDP(objective, device_ids=[dev.index] if dev.type == "cuda" else None, gradient_as_bucket_view=True)
+
+    def _setup_validation(self, tokenizer, precision: Precision) -> Validation | None:
+        t = self.cfg.train
+        if not t.eval_steps or self.val_dataset is None:
+            return None
+        val = data.load(self.val_dataset, tokenizer, t.seq_len, t.eval_max_records, t.seed)
+        log.info(
+            "validation: %d records (%d target tokens) of %s every %d steps",
+            *(len(val.examples), sum(e.n_targets for e in val.examples), self.val_dataset, t.eval_steps),
         )
+        return Validation(val, t.eval_steps, tokenizer.pad_token_id, self.dist.device, precision.autocast)
 
-    # --- checkpoints -----------------------------------------------------------------------------------------
+    # --- checkpoints (checkpoint.save / checkpoint.restore) -------------------------------------------------------
 
-    def _identity(self, s: State) -> dict[str, Any]:
+    def identity(self, s: State) -> dict[str, Any]:
         """What a checkpoint must share with this run to be resumed by it."""
         return {
             "training_digest": self.digest,
@@ -220,40 +237,19 @@ class Run:
             "total_steps": s.total,
         }
 
-    def _state_json(self, s: State, step: int, position: int, last: dict[str, Any]) -> dict[str, Any]:
-        epoch = round(s.order.epoch_of(position), 4)
-        val = s.validation.history if s.validation else []
-        return {
-            "step": step,
-            "data_position": position,
-            "epoch": epoch,
-            **self._identity(s),
-            "losses": last,
-            "validation": val,
-        }
-
     def save_checkpoint(self, s: State, step: int, position: int, last: dict[str, Any]) -> Path | None:
         rngs = self.dist.gather(checkpoint.rng_state())
         path = None
         if self.dist.main:
-
-            def fill(tmp: Path) -> None:
-                artifact.save_adapter(s.peft, tmp)
-                artifact.save_gate_file(tmp, gate_tensors(s.gates), s.hidden)
-                torch.save(s.optimizer.state_dict(), tmp / checkpoint.OPTIMIZER)
-                torch.save(
-                    {
-                        "scheduler": s.scheduler.state_dict(),
-                        "scaler": s.scaler.state_dict() if s.scaler else None,
-                        "rng": rngs,
-                    },
-                    tmp / checkpoint.STATE_PT,
-                )
-                atomic.write_json(tmp / checkpoint.STATE_JSON, self._state_json(s, step, position, last))
-
-            path = checkpoint.write(self.ckpt_root, step, fill)
-            checkpoint.prune(self.ckpt_root, self.cfg.checkpoint.keep)
-            log.info("checkpoint %s written", path.name)
+            trainer_state = {
+                "step": step,
+                "data_position": position,
+                "epoch": round(s.order.epoch_of(position), 4),
+                **self.identity(s),
+                "losses": last,
+                "validation": s.validation.history if s.validation else [],
+            }
+            path = checkpoint.save(self.ckpt_root, s, trainer_state, rngs, self.cfg.checkpoint.keep)
         self.dist.barrier()
         return path
 
@@ -263,42 +259,13 @@ class Run:
         path = self.dist.broadcast(str(path) if path else None)
         if path is None:
             return Resumed(0, 0, None)
-        path = Path(path)
-        state = checkpoint.read_state(path)
-        expect = self._identity(s)
-        diff = [k for k, v in expect.items() if state.get(k) != v]
-        if diff:
-            raise ResumeError(
-                f"{path} belongs to another run (differs in {', '.join(diff)}); restore the original "
-                f"settings or start over with --fresh"
-            )
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        saved = load_file(str(path / artifact.ADAPTER_WEIGHTS))
-        set_peft_model_state_dict(s.peft, saved)
-        now = get_peft_model_state_dict(s.peft)
-        bad = [k for k in saved if k not in now or not torch.equal(now[k].cpu(), saved[k])]
-        if bad or set(now) != set(saved):
-            raise ResumeError(
-                f"{path}: adapter tensors do not fit the model ({bad[:3] or sorted(set(now) ^ set(saved))[:3]})"
-            )
-        gates, _ = load_gates(path / artifact.GATES)
-        if sorted(gates) != sorted(s.gates):
-            raise ResumeError(f"{path}: gates cover layers {sorted(gates)}, the model has {sorted(s.gates)}")
-        with torch.no_grad():
-            for i, g in s.gates.items():
-                g.A.copy_(gates[i].to(g.A.device))
-        s.optimizer.load_state_dict(checkpoint.load_pt(path, checkpoint.OPTIMIZER))
-        extra = checkpoint.load_pt(path, checkpoint.STATE_PT)
-        s.scheduler.load_state_dict(extra["scheduler"])
-        if s.scaler is not None and extra.get("scaler"):
-            s.scaler.load_state_dict(extra["scaler"])
-        checkpoint.set_rng_state(extra["rng"][self.dist.rank])
+        state = checkpoint.restore(Path(path), s, self.identity(s), self.dist.rank)
         log.info(
-            "resuming from %s: step %d/%d, data position %d", path.name, state["step"], s.total, state["data_position"]
+            "resuming from %s: step %d/%d, data position %d",
+            *(Path(path).name, state["step"], s.total),
+            state["data_position"],
         )
-        return Resumed(state["step"], state["data_position"], path.name, tuple(state.get("validation") or ()))
+        return Resumed(state["step"], state["data_position"], Path(path).name, tuple(state.get("validation") or ()))
 
     # --- the loop --------------------------------------------------------------------------------------------
 
@@ -316,31 +283,35 @@ class Run:
         mine = window[self.dist.rank :: world]
         batches = data.micro_batches(mine, cfg.train.packing, cfg.train.seq_len, s.tokenizer.pad_token_id)
         rotations = s.objective.step = StepRotations(s.gates) if s.gates else None
+        scaler = s.precision.scaler
         sums = torch.zeros(4, dtype=torch.float64)  # lm_sum, pet_sum, correct, real tokens
         for k, batch in enumerate(batches):
             sync = k == len(batches) - 1
             ctx = s.forward.no_sync() if self.dist.active and not sync else contextlib.nullcontext()
             with ctx:
-                with torch.autocast(dev.type, dtype=s.amp_dtype, enabled=s.use_amp):
+                with s.precision.autocast():
                     lm_sum, pet, _, correct = s.forward(**batch.to(dev).inputs())
                 loss = lm_sum * (world / targets) + (lam * world / sequences) * pet
-                (s.scaler.scale(loss) if s.scaler else loss).backward()
+                (scaler.scale(loss) if scaler else loss).backward()
             sums += torch.tensor([lm_sum.item(), pet.item(), correct.item(), batch.real_tokens], dtype=torch.float64)
         ortho_v = 0.0
         if rotations is not None:
             ortho_v = rotations.orthogonality()
             average = (lambda g: self.dist.sum_(g).div_(world)) if self.dist.active else None
-            rotations.backward(reg, average, s.scaler.scale if s.scaler else None)
+            rotations.backward(reg, average, scaler.scale if scaler else None)
             s.objective.step = None
-        if s.scaler:
-            s.scaler.unscale_(s.optimizer)
+        if scaler:
+            scaler.unscale_(s.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(s.trainable, cfg.optim.max_grad_norm or float("inf")).item()
         lr = s.optimizer.param_groups[0]["lr"]
-        if s.scaler:
-            s.scaler.step(s.optimizer)
-            s.scaler.update()
+        if scaler:
+            scaler.step(s.optimizer)
+            scaler.update()
         else:
             s.optimizer.step()
+        # A changed, and bitsandbytes' optimizers write it through a raw pointer that leaves A._version alone: no
+        # rotation computed before this update may be applied after it
+        clear_rotations(s.gates)
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
         self.dist.sum_(sums)
@@ -464,13 +435,12 @@ class Session:
             self.written = time.time()
 
 
-def configure_determinism(cfg: TrainConfig) -> None:
+def configure_determinism(cfg: TrainConfig, device: torch.device) -> None:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        if torch.cuda.is_available():
-            torch.backends.cudnn.benchmark = False
+    device_setup.configure(device, cfg.train.deterministic)
 
 
 def train(
@@ -480,11 +450,16 @@ def train(
     dist: Dist,
     fresh: bool = False,
     val_dataset: str | Path | None = None,
+    allow_cpu: bool = False,
 ) -> stage.StageResult:
     """Train (or resume, or skip when the final artifact is up to date) and write `<out_dir>/final`.
 
     Validation (train.eval_steps) reads `val_dataset`, by default the val.jsonl beside `dataset` when there is one.
+    A CUDA profile (8/4-bit, bf16/fp16) on a process without CUDA is refused unless `allow_cpu`.
     """
+    if dist.main:
+        log.info("%s", device_setup.describe(dist.device))
+    device_setup.require_usable(cfg, dist.device, allow_cpu)
     out_dir, dataset = Path(out_dir), Path(dataset)
     if not dataset.is_file():
         raise data.DataError(f"{dataset}: dataset file not found")
@@ -507,7 +482,7 @@ def train(
             (out_dir / checkpoint.SESSION).unlink(missing_ok=True)
             log.info("--fresh: previous checkpoints and logs removed")
     dist.barrier()
-    configure_determinism(cfg)
+    configure_determinism(cfg, dist.device)
     s = run.build()
     start = run.resume(s)
     last = run.loop(s, start)

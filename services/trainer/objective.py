@@ -27,6 +27,10 @@ class Objective(nn.Module):
         self.pet_enabled, self.huber_delta = pet_enabled, huber_delta
         self.step: StepRotations | None = None  # set by the training loop for the forwards of one optimizer step
 
+    @property
+    def gates(self) -> dict:
+        return self._gates
+
     def forward(
         self,
         input_ids: torch.Tensor,
