@@ -28,6 +28,12 @@ lint: $(VENV)/.installed  ## ruff (lint + format check) over the repo, mypy on s
 # Settings live in .env (cp .env.example .env); compose reads it, make reads only the keys below from it.
 COMPOSE ?= docker compose
 env_get = $(shell sed -n 's/^$(1)=//p' .env 2>/dev/null | tail -n 1 | tr -d "\"'")
+# the compose files: compose's own COMPOSE_FILE (colon-separated; command line, environment or .env), e.g.
+# COMPOSE_FILE=compose.yaml:docker/compose.cpu.yaml for the CPU stack; unset: compose.yaml
+COMPOSE_FILE ?= $(call env_get,COMPOSE_FILE)
+ifneq ($(strip $(COMPOSE_FILE)),)
+export COMPOSE_FILE
+endif
 DATA_DIR ?= $(or $(call env_get,DATA_DIR),./data)
 REGISTRY ?= $(call env_get,REGISTRY)
 # like compose: the shell's environment first, then .env, then the default; the profile names the run (its run_id)
@@ -35,8 +41,11 @@ export SO8T_PROFILE ?= $(or $(call env_get,SO8T_PROFILE),full)
 RUN_ID := $(shell sed -n 's/^run_id: *//p' configs/pipeline/$(SO8T_PROFILE).yaml)
 # paths on the data volume, from shared/layout.py (stdlib only: no venv needed)
 LAYOUT = python3 -m shared.layout --data-dir "$(DATA_DIR)" --run-id "$(RUN_ID)"
-# make pipeline BUILD=0: use the images as they are (pulled from REGISTRY), build nothing
+# BUILD=0 (pipeline, up, one stage): use the images on the engine as they are (make pull), build and pull nothing;
+# a missing image stops the target before anything starts, named
 BUILD ?= 1
+# make push writes the pushed digests here; make pull pins the images it lists to them (copy it to the other box)
+IMAGES_LOCK ?= $(or $(call env_get,IMAGES_LOCK),images.lock)
 # extra arguments for one stage (make train ARGS="--max-steps 50"), one service for logs/build (SERVICE=trainer)
 ARGS ?=
 SERVICE ?=
@@ -46,7 +55,11 @@ export SO8T_GID ?= $(or $(call env_get,SO8T_GID),$(shell id -g))
 PIPELINE := $(COMPOSE) --profile pipeline
 # one stage alone: no pipeline id (any upstream manifest counts), no waiting (a missing upstream fails at once)
 STAGE_RUN := $(PIPELINE) run --rm --no-deps -e SO8T_PIPELINE_ID= -e SO8T_WAIT_TIMEOUT=0
-UP_BUILD = $(if $(filter 1,$(BUILD)),--build,)
+UP_BUILD = $(if $(filter 0,$(BUILD)),--no-build,--build)
+# scripts/images.sh with a compose command: $(call IMAGES,$(PIPELINE)) check|push|pull
+IMAGES = SO8T_COMPOSE="$(1)" REGISTRY="$(REGISTRY)" IMAGES_LOCK="$(IMAGES_LOCK)" scripts/images.sh
+# with BUILD=0, a recipe's first line: the images of $(2) (every service of $(1) when empty) are all there
+NEED_IMAGES = $(if $(filter 0,$(BUILD)),@$(call IMAGES,$(1)) check $(2),)
 
 .PHONY: help pipeline up down logs ps build push pull demo data-dir dataset train bake convert import images-cpu stack-test
 
@@ -65,6 +78,7 @@ data-dir:  ## create the data folder (so Docker does not create it as root); see
 	fi
 
 pipeline: data-dir  ## the whole chain in containers; follows the logs until the Ollama import + smoke test ends
+	$(call NEED_IMAGES,$(PIPELINE))
 	@export SO8T_PIPELINE_ID="$$(date -u +%Y%m%dT%H%M%SZ)"; \
 	echo ">> pipeline $$SO8T_PIPELINE_ID: data in $(DATA_DIR), profile $(SO8T_PROFILE) (run $(RUN_ID))" \
 	     "(Ctrl-C stops following the logs, not the stack: make down stops it)"; \
@@ -80,6 +94,7 @@ pipeline: data-dir  ## the whole chain in containers; follows the logs until the
 	fi; exit $$rc
 
 up: data-dir  ## ollama + think-api only: serve what was imported
+	$(call NEED_IMAGES,$(COMPOSE))
 	$(COMPOSE) up --detach $(UP_BUILD)
 
 down:  ## stop and remove every container of the stack (the data folder stays)
@@ -95,28 +110,33 @@ ps:  ## containers of the stack and each stage's finish marker
 build:  ## build the three images (cuda, converter, think-api)
 	$(PIPELINE) build $(SERVICE)
 
-push:  ## build and push the images to REGISTRY (from .env), for another GPU box to pull
+push:  ## build (BUILD=0: as they are) and push the images to REGISTRY (from .env); digests to IMAGES_LOCK
 	@test -n "$(REGISTRY)" || { echo "make push: set REGISTRY=<registry>/<namespace> in .env (images become \$$REGISTRY/so8t-cuda etc.)"; exit 2; }
-	REGISTRY="$(REGISTRY)" $(PIPELINE) build
-	REGISTRY="$(REGISTRY)" $(PIPELINE) push dataset converter think-api
+	$(if $(filter 0,$(BUILD)),,REGISTRY="$(REGISTRY)" $(PIPELINE) build)
+	$(call IMAGES,$(PIPELINE)) push
 
-pull:  ## on another GPU box: pull the images pushed to REGISTRY (then make pipeline BUILD=0)
+pull:  ## on another box: pull the images make push pushed (pinned by IMAGES_LOCK), then make pipeline BUILD=0
 	@test -n "$(REGISTRY)" || { echo "make pull: set REGISTRY in .env to where make push put the images"; exit 2; }
-	REGISTRY="$(REGISTRY)" $(PIPELINE) pull
+	$(call IMAGES,$(PIPELINE)) pull
 
 dataset: data-dir  ## one stage in its container: the dataset builder (ARGS="..." are appended)
+	$(call NEED_IMAGES,$(PIPELINE),dataset)
 	$(STAGE_RUN) dataset $(ARGS)
 
 train: data-dir  ## one stage: the trainer (resumes from its newest checkpoint; ARGS="--fresh" starts over)
+	$(call NEED_IMAGES,$(PIPELINE),trainer)
 	$(STAGE_RUN) trainer $(ARGS)
 
 bake: data-dir  ## one stage: the baker
+	$(call NEED_IMAGES,$(PIPELINE),baker)
 	$(STAGE_RUN) baker $(ARGS)
 
 convert: data-dir  ## one stage: the GGUF converter
+	$(call NEED_IMAGES,$(PIPELINE),converter)
 	$(STAGE_RUN) converter $(ARGS)
 
 import: data-dir  ## one stage: import the GGUFs into the ollama service and run the /think smoke test
+	$(call NEED_IMAGES,$(PIPELINE),ollama-import ollama)
 	$(PIPELINE) run --rm -e SO8T_PIPELINE_ID= -e SO8T_WAIT_TIMEOUT=0 ollama-import $(ARGS)
 
 demo: $(VENV)/.installed  ## no Docker, no GPU: the same chain natively on a tiny random Phi-3, in minutes

@@ -495,6 +495,9 @@ case "$*" in
   "wait stub-container-id") echo "$STUB_RC" ;;
   *" logs --follow "*) sleep 0.2 ;;
   "context inspect"*) echo unix:///var/run/docker.sock ;;
+  *" config --images") printf '%s\n' "$REGISTRY/so8t-cuda:0.1.0" ollama/ollama:0.11.4 "$REGISTRY/so8t-cuda:0.1.0" ;;
+  "push "*) echo "0.1.0: digest: sha256:$(printf '%064d' 7) size: 528" ;;
+  "image inspect --format {{.Id}} "*) echo sha256:stub-image-id ;;
 esac
 """
 
@@ -554,7 +557,16 @@ def test_make_pipeline_starts_everything_with_one_new_pipeline_id(needs_make, tm
 def test_make_push_needs_a_registry(needs_make, tmp_path):
     r = make("push", "REGISTRY=", tmp_path=tmp_path)
     assert r.returncode == 2 and "set REGISTRY" in r.stdout and not (tmp_path / "calls.log").exists()
-    r = make("push", "REGISTRY=registry.example:5000/team", tmp_path=tmp_path)
+    lock = tmp_path / "images.lock"
+    r = make("push", "REGISTRY=registry.example:5000/team", f"IMAGES_LOCK={lock}", tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr
-    calls = (tmp_path / "calls.log").read_text().splitlines()
-    assert calls[-1].endswith("compose --profile pipeline push dataset converter think-api")
+    calls = [c.split(" :: ", 1)[1] for c in (tmp_path / "calls.log").read_text().splitlines()]
+    image, ref = (
+        "registry.example:5000/team/so8t-cuda:0.1.0",
+        "registry.example:5000/team/so8t-cuda@sha256:" + "0" * 63 + "7",
+    )
+    # built, then each image named under REGISTRY pushed once (not the ones pulled from elsewhere), digests recorded
+    assert calls.index("compose --profile pipeline build") < calls.index(f"push {image}")
+    assert [c for c in calls if c.startswith("push")] == [f"push {image}"]
+    assert lock.read_text() == f"{image} {ref} sha256:stub-image-id\n"
+    assert f"pushed {image} = {ref}" in r.stdout
