@@ -41,9 +41,11 @@ RUN --mount=type=secret,id=pip_cert \
 
 # torch: the CUDA build that matches the base image (2.13.0+cu130 from the PyTorch index outranks PyPI's plain
 # 2.13.0; PyPI serves the rest); with no index (the CPU build), the wheelhouse's CPU wheel
+COPY docker/torch-cuda-check.py /usr/local/lib/so8t/torch-cuda-check.py
 RUN --mount=type=secret,id=pip_cert --mount=type=bind,source=.wheelhouse,target=/wheelhouse \
     . /usr/local/lib/so8t/pip-env.sh \
- && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
+ && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}" \
+ && python /usr/local/lib/so8t/torch-cuda-check.py "$TORCH_INDEX_URL"
 
 # the project's dependencies, exact versions from constraints.txt; cached until either file changes
 COPY pyproject.toml constraints.txt docker/project-deps.py /tmp/deps/

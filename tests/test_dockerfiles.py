@@ -324,3 +324,26 @@ def test_think_api_image_covers_the_imports_of_what_it_runs():
             missing[top] = sorted(dists)
     assert not missing, f"imported by think-api/ollama code but not installed in its image: {missing}"
     assert "torch" not in installed  # the point of a separate small image
+
+
+def test_the_cuda_image_build_fails_on_a_torch_without_its_cuda():
+    """The check the CUDA image's build runs after installing torch: a CPU wheel (this venv's, on the CPU) for a
+    cu130 image fails the build with the reason; the CPU image (no index) passes."""
+    import subprocess
+    import sys
+
+    check = DOCKER / "torch-cuda-check.py"
+    assert 'torch-cuda-check.py "$TORCH_INDEX_URL"' in (DOCKER / "cuda.Dockerfile").read_text()
+    r = subprocess.run([sys.executable, str(check), ""], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "nothing to check" in r.stdout
+    import torch
+
+    if torch.version.cuda == "13.0":
+        pytest.skip("this torch is the cu130 build")
+    r = subprocess.run(
+        [sys.executable, str(check), "https://download.pytorch.org/whl/cu130"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1 and "the image for cu130" in r.stderr and "wrong wheel" in r.stderr

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.trainer.data import IGNORE
-from services.trainer.gates import StepRotations, orthogonality, precompute_rotations
+from services.trainer.gates import StepRotations, clear_rotations, orthogonality, precompute_rotations
 from shared.pet import pet_sequence_sum
 
 
@@ -43,8 +43,14 @@ class Objective(nn.Module):
         greedy predictions). Without `segments`, each row of `attention_mask` is one record."""
         causal = self.model.get_base_model()
         R = None
-        if self._gates:
-            R = self.step.leaf if self.step is not None else precompute_rotations(self._gates)
+        if self._gates and self.step is not None:
+            R = self.step.leaf
+        elif self._gates and not torch.is_grad_enabled():
+            R = precompute_rotations(self._gates)  # one matrix_exp for every layer (validation, eval)
+        elif self._gates:
+            # a forward with gradients outside a training step (tests, benches): each gate computes its own R, so
+            # reentrant checkpointing, which backpropagates each layer separately, never meets a shared freed graph
+            clear_rotations(self._gates)
         hidden = causal.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
