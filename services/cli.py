@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("services.converter.cli", "GGUF F16 / Q8_0 / Q4_K_M with llama.cpp, each checked by running it"),
     "ollama": ("services.ollama.cli", "Modelfile, import into an Ollama server, /think smoke test"),
     "serve": ("services.think_api.cli", "the /think HTTP API (Ollama or in-process llama.cpp backend)"),
-    "audit": ("services.think_api.audit_cli", "verify the think-API audit log's hash chain"),
+    "audit": ("services.think_api.audit.cli", "verify the think-API audit log's hash chain"),
     "eval": ("services.eval.cli", "evaluate models on dataset splits: /think format, label accuracy, gate, leaks"),
     "pipeline": ("services.pipeline.cli", "run the whole chain natively, skipping stages that are up to date"),
     "stack": ("services.stack.cli", "container wrapper: wait for the upstream manifest, then run one stage"),

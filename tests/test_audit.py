@@ -147,15 +147,15 @@ def test_a_forged_row_needs_every_later_hash_rewritten(served, tmp_path):
 
 def test_audit_verify_cli(served, tmp_path, capsys):
     db, _, _ = served
-    assert run_stage("services.think_api.audit_cli", ["verify", "--db", str(db)]) == 0
+    assert run_stage("services.think_api.audit.cli", ["verify", "--db", str(db)]) == 0
     assert f"OK, {N + 2} rows, chain intact" in capsys.readouterr().out
     copy = _edited_copy(db, tmp_path / "e.sqlite3", "UPDATE audit SET latency_ms = 1 WHERE seq = 9")
-    assert run_stage("services.think_api.audit_cli", ["verify", "--db", str(copy)]) == 1
+    assert run_stage("services.think_api.audit.cli", ["verify", "--db", str(copy)]) == 1
     assert "BROKEN at row seq=9" in capsys.readouterr().out
-    assert run_stage("services.think_api.audit_cli", ["verify", "--db", str(tmp_path / "none.sqlite3")]) == 2
+    assert run_stage("services.think_api.audit.cli", ["verify", "--db", str(tmp_path / "none.sqlite3")]) == 2
     assert "audit database not found" in capsys.readouterr().err
     (tmp_path / "junk.sqlite3").write_bytes(b"not a database at all" * 100)
-    assert run_stage("services.think_api.audit_cli", ["verify", "--db", str(tmp_path / "junk.sqlite3")]) == 2
+    assert run_stage("services.think_api.audit.cli", ["verify", "--db", str(tmp_path / "junk.sqlite3")]) == 2
 
 
 def test_default_path_is_under_data_dir(tmp_path, monkeypatch, capsys):
@@ -174,7 +174,7 @@ def test_default_path_is_under_data_dir(tmp_path, monkeypatch, capsys):
     )
     log.close()
     assert (tmp_path / "audit" / "think_audit.sqlite3").is_file()
-    assert run_stage("services.think_api.audit_cli", ["verify"]) == 0
+    assert run_stage("services.think_api.audit.cli", ["verify"]) == 0
 
 
 def test_two_writers_on_one_file_keep_one_chain(tmp_path):

@@ -718,7 +718,7 @@ def test_the_openapi_schema_describes_what_the_endpoints_send(app_server):
 def test_a_stream_whose_client_is_gone_before_the_first_event_is_still_closed():
     import anyio
 
-    from services.think_api.chat_stream import EventStream
+    from services.think_api.openai.stream import EventStream
 
     started, closed = [], []
 

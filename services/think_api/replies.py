@@ -1,7 +1,7 @@
 """The one path of a model request, whichever protocol asked: backend -> shared parser -> label gate -> audit row.
 
 `audited` wraps a route: it writes the request's row (rejections and errors included) before the response leaves,
-and gives no answer it could not audit. A streamed response writes its own row when it ends (chat_stream).
+and gives no answer it could not audit. A streamed response writes its own row when it ends (openai/stream.py).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from starlette.concurrency import run_in_threadpool
 
 from services.think_api import gate
 from services.think_api.audit import AuditLog, AuditRecord
-from services.think_api.errors import ApiError, api_error_response, error_response
-from services.think_api.generation import Backend, BackendError, Generation, GenRequest
+from services.think_api.backends.protocol import Backend, BackendError, Generation, GenRequest
+from services.think_api.web.errors import ApiError, api_error_response, error_response
 from shared import logs
 
 log = logs.get("think-api")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from services.think_api.errors import ApiError
-from services.think_api.generation import GenRequest
+from services.think_api.backends.protocol import GenRequest
+from services.think_api.web.errors import ApiError
 from shared.config import StrictModel
 from shared.think_format import Format, has_template_token
 

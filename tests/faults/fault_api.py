@@ -357,7 +357,7 @@ def fuzz_api(
 
     from services.think_api.app import ServeSettings, create_app, serve_background
     from services.think_api.audit import AuditLog
-    from services.think_api.fixed_backend import FixedOutputBackend
+    from services.think_api.backends import FixedOutputBackend
 
     t0 = time.monotonic()
     tally = ApiTally("think-api", "schemathesis fuzz of its OpenAPI schema")

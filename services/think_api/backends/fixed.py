@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-from services.think_api.generation import Generation, GenRequest, StreamItem
+from services.think_api.backends.protocol import Generation, GenRequest, StreamItem
 
 
 class FixedOutputBackend:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from services.think_api.generation import BackendError, Generation, GenRequest, StreamItem
+from services.think_api.backends.protocol import BackendError, Generation, GenRequest, StreamItem
 from shared.think_format import STOP_TOKENS
 
 

@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from services.think_api.generation import BackendError, Generation, GenRequest, StreamItem
+from services.think_api.backends.protocol import BackendError, Generation, GenRequest, StreamItem
 from shared.think_format import STOP_TOKENS
 
 # A body the client cannot read: not JSON (ValueError), JSON of another shape (TypeError, AttributeError), fields

@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 
-from services.think_api.generation import Backend, GenRequest
+from services.think_api.backends.protocol import Backend, GenRequest
 
 END = object()  # the backend's iterator is exhausted (or closed)
 SILENCE = object()  # nothing arrived within the timeout

@@ -1,12 +1,12 @@
-"""A gate decision and a backend's generation in the shapes of the OpenAI protocol (chat.py, chat_stream.py)."""
+"""A gate decision and a backend's generation in the shapes of the OpenAI protocol (routes.py, stream.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from services.think_api import gate
-from services.think_api.chat_models import ChatError, ChatErrorBody, So8tInfo, Usage
-from services.think_api.generation import Generation
+from services.think_api.backends.protocol import Generation
+from services.think_api.openai.models import ChatError, ChatErrorBody, FinishReason, So8tInfo, Usage
 
 
 def so8t_info(d: gate.Decision, request_id: str) -> So8tInfo:
@@ -25,7 +25,7 @@ def usage(gen: Generation) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def finish_reason(gen: Generation) -> str:
+def finish_reason(gen: Generation) -> FinishReason:
     return "length" if gen.finish_reason == "length" else "stop"
 
 

@@ -29,13 +29,20 @@ from starlette.types import Send
 
 from services.think_api import gate
 from services.think_api.audit import AuditLog, AuditRecord
-from services.think_api.chat_models import ChatCompletionChunk, ChatError, ChatErrorBody, ChunkChoice, Delta
-from services.think_api.chat_shapes import finish_reason, so8t_info, usage
-from services.think_api.errors import ApiError, openai_type
-from services.think_api.generation import Backend, BackendError, Generation, GenRequest
-from services.think_api.pump import END, SILENCE, BackendPump
+from services.think_api.backends.protocol import Backend, BackendError, Generation, GenRequest
+from services.think_api.backends.pump import END, SILENCE, BackendPump
+from services.think_api.openai.models import (
+    ChatCompletionChunk,
+    ChatError,
+    ChatErrorBody,
+    ChunkChoice,
+    Delta,
+    FinishReason,
+)
+from services.think_api.openai.shapes import finish_reason, so8t_info, usage
 from services.think_api.replies import backend_api_error, record_decision, record_sent, record_usage
-from services.think_api.serve_settings import ServeSettings
+from services.think_api.settings import ServeSettings
+from services.think_api.web.errors import ApiError, openai_type
 from shared import logs
 
 log = logs.get("think-api")
@@ -81,11 +88,8 @@ class Chunks:
         self._role_sent = True
         return self._chunk([ChunkChoice(delta=delta)])
 
-    def finish(self, reason: str, d: gate.Decision) -> str:
-        return self._chunk(
-            [ChunkChoice(delta=Delta(), finish_reason=reason)],  # type: ignore[arg-type]
-            so8t=so8t_info(d, self.request_id),
-        )
+    def finish(self, reason: FinishReason, d: gate.Decision) -> str:
+        return self._chunk([ChunkChoice(delta=Delta(), finish_reason=reason)], so8t=so8t_info(d, self.request_id))
 
     def usage(self, gen: Generation) -> str:
         return self._chunk([], usage=usage(gen))

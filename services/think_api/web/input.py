@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from services.think_api.errors import ApiError
+from services.think_api.web.errors import ApiError
 
 M = TypeVar("M", bound=BaseModel)
 
