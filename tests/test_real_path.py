@@ -274,3 +274,30 @@ def test_the_stack_runs_the_trainer_under_torchrun_for_several_gpus(tmp_path):
     r = subprocess.run(list(two), capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("usage: python -m services.trainer") == 2 and "--allow-cpu" in r.stdout
+
+
+# --- the eval stage without CUDA: a Hugging Face base through llama.cpp, converted once ----------------------------
+
+
+def test_without_cuda_the_eval_asks_a_hf_model_as_a_gguf_converted_once(tiny_model_dir, tmp_path, monkeypatch):
+    from services.converter import hf_to_gguf
+    from services.eval.models import GGUFGenerator, HFGenerator, ModelSpec, open_generator
+
+    try:
+        hf_to_gguf.converter_script()
+    except hf_to_gguf.ConvertError as err:
+        pytest.skip(str(err))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    spec = ModelSpec.parse(f"base=hf:{tiny_model_dir}")
+    gen = open_generator(spec, 512, 0, 1, "gguf")
+    assert isinstance(gen, GGUFGenerator)
+    cached = list((tmp_path / "hf" / "so8t-gguf").glob("*-F16.gguf"))
+    assert len(cached) == 1 and not list(cached[0].parent.glob(".*.tmp"))
+    prompt = "<|user|>\n2+2?<|end|>\n<|assistant|>\n"
+    got = gen.generate(prompt, 8)
+    gen.close()
+    stamp = cached[0].stat().st_mtime_ns
+    again = open_generator(spec, 512, 0, 1, "gguf")  # the second model or run reuses the file
+    assert again.generate(prompt, 8).text == got.text and cached[0].stat().st_mtime_ns == stamp
+    again.close()
+    assert isinstance(open_generator(spec, 512, 0, 1, "transformers"), HFGenerator)

@@ -157,6 +157,27 @@ def read_tensor(path: Path, name: str) -> torch.Tensor:
         return f.get_tensor(name)
 
 
+def _baked(p: TensorPlan, inputs: BakeInputs, rotated: dict[str, int], fold: Fold) -> tuple[torch.Tensor, bool, bool]:
+    """The output tensor of `p` (LoRA merged, rotation folded where they apply, cast, checked finite), and whether a
+    LoRA pair was merged and a rotation folded into it."""
+    src = read_tensor(p.source, p.name)
+    if not src.is_floating_point():
+        return src, False, False
+    if not bool(src.isfinite().all()):
+        raise NonFiniteError(f"{p.source}: base tensor {p.name} contains NaN or Inf")
+    lora = inputs.lora.get(p.name)
+    R = rotations(inputs.gates[rotated[p.name]]) if p.name in rotated else None
+    out = bake_tensor(src, lora, R, fold) if (lora is not None or R is not None) else src
+    del src
+    out = out.to(p.dtype)
+    if not bool(out.isfinite().all()):
+        raise NonFiniteError(
+            f"baked tensor {p.name} has NaN or Inf in {p.dtype} (overflow?); "
+            f"base {p.source}, adapter/gates in {inputs.trained}"
+        )
+    return out, lora is not None, R is not None
+
+
 def write_weights(
     inputs: BakeInputs,
     out_dir: Path,
@@ -176,24 +197,9 @@ def write_weights(
         stream = SafetensorsStream(out_dir / fname, plans)
         try:
             for p in plans:
-                src = read_tensor(p.source, p.name)
-                if src.is_floating_point():
-                    if not bool(src.isfinite().all()):
-                        raise NonFiniteError(f"{p.source}: base tensor {p.name} contains NaN or Inf")
-                    lora = inputs.lora.get(p.name)
-                    R = rotations(inputs.gates[rotated[p.name]]) if p.name in rotated else None
-                    out = bake_tensor(src, lora, R, fold) if (lora is not None or R is not None) else src
-                    del src
-                    merged += lora is not None
-                    folded += R is not None
-                    out = out.to(p.dtype)
-                    if not bool(out.isfinite().all()):
-                        raise NonFiniteError(
-                            f"baked tensor {p.name} has NaN or Inf in {p.dtype} (overflow?); "
-                            f"base {p.source}, adapter/gates in {inputs.trained}"
-                        )
-                else:
-                    out = src
+                out, lora, R = _baked(p, inputs, rotated, fold)
+                merged += lora
+                folded += R
                 stream.write(p.name, out)
                 del out
                 weight_map[p.name] = fname

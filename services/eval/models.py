@@ -66,7 +66,8 @@ class Generator(Protocol):
 
 
 class HFGenerator:
-    """A Hugging Face directory or hub id through transformers, float32 on the CPU (bfloat16 on CUDA)."""
+    """A Hugging Face directory or hub id through transformers: bfloat16 on the GPU when there is one, else float32
+    on the CPU (without CUDA the eval normally asks the model as a GGUF instead: `as_gguf`)."""
 
     def __init__(self, where: str, threads: int | None = None):
         import torch
@@ -78,7 +79,8 @@ class HFGenerator:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.tok = AutoTokenizer.from_pretrained(where)
-        self.model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype).to(self.device).eval()
+        placement = {"device_map": {"": self.device}} if self.device.type == "cuda" else {}
+        self.model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **placement).eval()
         self.stops = [i for i in (self.tok.convert_tokens_to_ids(t) for t in STOP_TOKENS) if isinstance(i, int)]
 
     def generate(self, prompt: str, max_tokens: int) -> Reply:
@@ -145,9 +147,50 @@ class OllamaGenerator:
         pass
 
 
-def open_generator(spec: ModelSpec, n_ctx: int, seed: int, threads: int | None) -> Generator:
+def gguf_cache() -> Path:
+    """Where HF models converted for the eval are kept: beside the HF cache when there is one (/data in the stack)."""
+    import os
+
+    hf_home = os.environ.get("HF_HOME")
+    return Path(hf_home) / "so8t-gguf" if hf_home else Path.home() / ".cache" / "so8t" / "gguf"
+
+
+def as_gguf(where: str, cache: Path | None = None) -> Path:
+    """The F16 GGUF of the Hugging Face model `where` (directory or hub id), converted once by llama.cpp's converter
+    and cached under its content hash; a rerun, or another run on the same base, reuses it."""
+    from services.converter.hf_to_gguf import convert_f16
+    from shared import atomic, logs, manifest
+
+    model_dir = Path(where)
+    if not model_dir.is_dir():
+        from huggingface_hub import snapshot_download
+
+        model_dir = Path(snapshot_download(where))
+    cache = cache or gguf_cache()
+    target = cache / f"{manifest.sha256_tree(model_dir)[:16]}-F16.gguf"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    logs.get("eval").info("%s: no CUDA device, converting it to GGUF F16 once (%s)", where, target)
+    tmp = atomic.temp_file(target)
+    try:
+        convert_f16(model_dir, tmp, model_dir.name)
+        atomic.fsync_path(tmp)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def open_generator(
+    spec: ModelSpec, n_ctx: int, seed: int, threads: int | None, hf_without_cuda: str = "transformers"
+) -> Generator:
     if spec.kind == "hf":
-        return HFGenerator(spec.where, threads)
+        import torch
+
+        if torch.cuda.is_available() or hf_without_cuda == "transformers":
+            return HFGenerator(spec.where, threads)
+        return GGUFGenerator(str(as_gguf(spec.where)), n_ctx, threads)
     if spec.kind == "gguf":
         return GGUFGenerator(spec.where, n_ctx, threads)
     return OllamaGenerator(spec.where, seed)

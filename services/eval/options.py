@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from shared.config import StrictModel
@@ -18,4 +20,10 @@ class EvalOptions(StrictModel):
     n_ctx: int = Field(2048, ge=256, le=4096, description="llama.cpp context (prompt + reply)")
     threads: int | None = Field(
         None, ge=1, description="CPU threads for llama.cpp and torch (default: all); changes no output"
+    )
+    hf_without_cuda: Literal["gguf", "transformers"] = Field(
+        "gguf",
+        description="where no CUDA device is: evaluate a Hugging Face model as an F16 GGUF converted once and cached "
+        "($HF_HOME/so8t-gguf or ~/.cache/so8t/gguf) through llama.cpp like the trained files (minutes for 3.8 B), or "
+        "through transformers in float32 (15 GB of RAM and hours for 3.8 B)",
     )

@@ -105,7 +105,7 @@ def _write(data: dict[str, list[recs.Record]], models: list[ModelSpec], out: Pat
 
 def _one_model(spec: ModelSpec, data: dict[str, list[recs.Record]], out: Path, opts: EvalOptions) -> dict[str, Any]:
     t0 = time.time()
-    gen = open_generator(spec, opts.n_ctx, opts.seed, opts.threads)
+    gen = open_generator(spec, opts.n_ctx, opts.seed, opts.threads, opts.hf_without_cuda)
     load_s = time.time() - t0
     per_split: dict[str, Any] = {}
     try:

@@ -271,7 +271,7 @@ class Run:
 
     def step(self, s: State, step: int, position: int) -> dict[str, Any]:
         """One optimizer step over the global window of micro-batches starting at stream `position`."""
-        cfg, dev, world = self.cfg, self.dist.device, self.dist.world
+        cfg, world = self.cfg, self.dist.world
         phase = s.pet.phase(step)
         lam = phase.weight if cfg.pet.enabled else 0.0
         reg = cfg.gates.orthogonal_reg if s.gates else 0.0
@@ -283,37 +283,14 @@ class Run:
         mine = window[self.dist.rank :: world]
         batches = data.micro_batches(mine, cfg.train.packing, cfg.train.seq_len, s.tokenizer.pad_token_id)
         rotations = s.objective.step = StepRotations(s.gates) if s.gates else None
-        scaler = s.precision.scaler
-        sums = torch.zeros(4, dtype=torch.float64)  # lm_sum, pet_sum, correct, real tokens
-        for k, batch in enumerate(batches):
-            sync = k == len(batches) - 1
-            ctx = s.forward.no_sync() if self.dist.active and not sync else contextlib.nullcontext()
-            with ctx:
-                with s.precision.autocast():
-                    lm_sum, pet, _, correct = s.forward(**batch.to(dev).inputs())
-                loss = lm_sum * (world / targets) + (lam * world / sequences) * pet
-                (scaler.scale(loss) if scaler else loss).backward()
-            sums += torch.tensor([lm_sum.item(), pet.item(), correct.item(), batch.real_tokens], dtype=torch.float64)
+        sums = self._accumulate(s, batches, world / targets, lam * world / sequences)
         ortho_v = 0.0
         if rotations is not None:
             ortho_v = rotations.orthogonality()
             average = (lambda g: self.dist.sum_(g).div_(world)) if self.dist.active else None
-            rotations.backward(reg, average, scaler.scale if scaler else None)
+            rotations.backward(reg, average, s.precision.scaler.scale if s.precision.scaler else None)
             s.objective.step = None
-        if scaler:
-            scaler.unscale_(s.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(s.trainable, cfg.optim.max_grad_norm or float("inf")).item()
-        lr = s.optimizer.param_groups[0]["lr"]
-        if scaler:
-            scaler.step(s.optimizer)
-            scaler.update()
-        else:
-            s.optimizer.step()
-        # A changed, and bitsandbytes' optimizers write it through a raw pointer that leaves A._version alone: no
-        # rotation computed before this update may be applied after it
-        clear_rotations(s.gates)
-        s.scheduler.step()
-        s.optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = self._update(s)
         self.dist.sum_(sums)
         lm, pet_v = sums[0].item() / targets, sums[1].item() / sequences
         return {
@@ -330,6 +307,41 @@ class Run:
             "records": sum(len(mb) for mb in window),
             "forwards": len(batches),
         }
+
+    def _accumulate(self, s: State, batches: list, lm_scale: float, pet_scale: float) -> torch.Tensor:
+        """Forward and backward of this rank's micro-batches (DDP syncs on the last); [lm_sum, pet_sum, correct,
+        real tokens] summed over them."""
+        scaler, dev = s.precision.scaler, self.dist.device
+        sums = torch.zeros(4, dtype=torch.float64)
+        for k, batch in enumerate(batches):
+            sync = k == len(batches) - 1
+            ctx = s.forward.no_sync() if self.dist.active and not sync else contextlib.nullcontext()
+            with ctx:
+                with s.precision.autocast():
+                    lm_sum, pet, _, correct = s.forward(**batch.to(dev).inputs())
+                loss = lm_sum * lm_scale + pet_scale * pet
+                (scaler.scale(loss) if scaler else loss).backward()
+            sums += torch.tensor([lm_sum.item(), pet.item(), correct.item(), batch.real_tokens], dtype=torch.float64)
+        return sums
+
+    def _update(self, s: State) -> tuple[float, float]:
+        """Clip, step the optimizer and the schedule; returns (grad norm, the lr used)."""
+        scaler = s.precision.scaler
+        if scaler:
+            scaler.unscale_(s.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(s.trainable, self.cfg.optim.max_grad_norm or float("inf")).item()
+        lr = s.optimizer.param_groups[0]["lr"]
+        if scaler:
+            scaler.step(s.optimizer)
+            scaler.update()
+        else:
+            s.optimizer.step()
+        # A changed, and bitsandbytes' optimizers write it through a raw pointer that leaves A._version alone: no
+        # rotation computed before this update may be applied after it
+        clear_rotations(s.gates)
+        s.scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, lr
 
     def loop(self, s: State, start: Resumed) -> dict[str, Any]:
         """Optimizer steps from `start` to the end; returns the last step's figures ({} if none was left)."""
