@@ -61,7 +61,7 @@ IMAGES = SO8T_COMPOSE="$(1)" REGISTRY="$(REGISTRY)" IMAGES_LOCK="$(IMAGES_LOCK)"
 # with BUILD=0, a recipe's first line: the images of $(2) (every service of $(1) when empty) are all there
 NEED_IMAGES = $(if $(filter 0,$(BUILD)),@$(call IMAGES,$(1)) check $(2),)
 
-.PHONY: help pipeline up down logs ps build push pull demo data-dir dataset train bake convert import images-cpu stack-test
+.PHONY: help pipeline up down logs ps build push pull demo data-dir dataset train bake convert import images-cpu stack-test deploy-test
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
@@ -77,20 +77,22 @@ data-dir:  ## create the data folder (so Docker does not create it as root); see
 	  echo ">> $$input was empty: copied the example set (examples/four_class) there"; \
 	fi
 
-pipeline: data-dir  ## the whole chain in containers; follows the logs until the Ollama import + smoke test ends
+pipeline: data-dir  ## the whole chain in containers; follows the logs until the Ollama import + smoke test (else eval) ends
 	$(call NEED_IMAGES,$(PIPELINE))
 	@export SO8T_PIPELINE_ID="$$(date -u +%Y%m%dT%H%M%SZ)"; \
 	echo ">> pipeline $$SO8T_PIPELINE_ID: data in $(DATA_DIR), profile $(SO8T_PROFILE) (run $(RUN_ID))" \
 	     "(Ctrl-C stops following the logs, not the stack: make down stops it)"; \
 	$(PIPELINE) up --detach $(UP_BUILD) || exit $$?; \
-	$(PIPELINE) logs --follow dataset trainer baker converter ollama-import & logs=$$!; \
-	rc=$$(docker wait "$$($(PIPELINE) ps --all --quiet ollama-import)") || rc=1; \
+	stages="$$($(PIPELINE) config --services 2>/dev/null | grep -vx -e ollama -e think-api | tr '\n' ' ')"; \
+	last=ollama-import; case " $${stages:-ollama-import} " in *" ollama-import "*) ;; *) last=eval;; esac; \
+	$(PIPELINE) logs --follow $$stages & logs=$$!; \
+	rc=$$(docker wait "$$($(PIPELINE) ps --all --quiet $$last)") || rc=1; \
 	kill $$logs 2>/dev/null; wait $$logs 2>/dev/null; \
 	run="$$($(LAYOUT) run)"; echo; ls -1 "$$run"/*/manifest.json "$$run"/train/final/manifest.json 2>/dev/null; \
 	if [ "$$rc" = 0 ]; then \
 	  echo ">> pipeline $$SO8T_PIPELINE_ID done: artifacts under $$run/, /think served by think-api (make ps)"; \
 	else \
-	  echo ">> ollama-import exited $$rc (its restart policy may retry it): make ps, make logs SERVICE=<stage>"; \
+	  echo ">> $$last exited $$rc (its restart policy may retry it): make ps, make logs SERVICE=<stage>"; \
 	fi; exit $$rc
 
 up: data-dir  ## ollama + think-api only: serve what was imported
@@ -148,3 +150,6 @@ images-cpu: $(VENV)/.installed  ## build the CPU stack's images from nothing (ro
 
 stack-test: $(VENV)/.installed  ## the stack end to end with a power cut and an orderly shutdown while training
 	$(PY) -m pytest tests/test_stack_e2e.py -v -s
+
+deploy-test: $(VENV)/.installed  ## the stack to a second engine: registry push/pull, one stage, make up over ssh
+	$(PY) -m pytest tests/test_deploy_e2e.py -v -s
