@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TypeVar
 
 from tqdm.auto import tqdm
@@ -57,7 +57,7 @@ def get(name: str) -> logging.Logger:
 
 def progress(
     iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"
-) -> Iterator[T]:
+) -> tqdm:
     """A progress bar on stderr; quiet when stderr is not a terminal unless $SO8T_PROGRESS=1."""
     force = os.environ.get("SO8T_PROGRESS")
     disable = (force == "0") or (force is None and not sys.stderr.isatty())

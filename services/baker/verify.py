@@ -280,8 +280,8 @@ def reference_logits(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **place.load_kwargs())
-    model = PeftModel.from_pretrained(model, trained, is_trainable=False)
+    causal = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **place.load_kwargs())
+    model: Any = PeftModel.from_pretrained(causal, trained, is_trainable=False)
     model = (model if place.split else model.to(place.device)).eval()  # a split model stays where accelerate put it
     modules = attach(model, {i: A.clone() for i, A in gates.items()}, sorted(gates), 0.0)
     if sorted(modules) != sorted(gates):
@@ -328,9 +328,10 @@ def baked_logits(
     """Reload the saved directory exactly as any user would: stock class, no remote code, upcast to float32."""
     from transformers import AutoModelForCausalLM, Phi3ForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(
+    loaded: Any = AutoModelForCausalLM.from_pretrained(
         out_dir, dtype=torch.float32, output_loading_info=True, **place.load_kwargs()
     )
+    model, info = loaded
     if type(model) is not Phi3ForCausalLM:
         raise RuntimeError(f"{out_dir}: reloaded as {type(model).__name__}, not transformers' Phi3ForCausalLM")
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -367,7 +368,7 @@ def verify(
     baked = compare(ref["gated"], got)
     noise = compare(ref["gated"], ref["dtype_noise"]) if "dtype_noise" in ref else None
     bounds = opts.bounds(noise)
-    report = {
+    report: dict[str, Any] = {
         "device": place.describe(),
         "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "prompts": len(ids),

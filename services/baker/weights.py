@@ -136,7 +136,7 @@ class SafetensorsStream:
                 f"{self.path}: expected {p.name} {p.shape} {p.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
             )
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._fh.write(memoryview(data))
+        self._fh.write(memoryview(data))  # type: ignore[arg-type]  # numpy arrays are buffers
         self._next += 1
 
     def close(self) -> None:

@@ -21,7 +21,6 @@ of the unpacked run.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Sequence
@@ -30,15 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from shared import logs
-from shared.errors import InputError
+from shared.sft import RecordError, check_messages, records
 from shared.think_format import ASSISTANT, END, render_chat
 
 IGNORE = -100
 log = logs.get("trainer")
 
 
-class DataError(InputError, ValueError):
-    """A dataset problem; the message names the file and line."""
+DataError = RecordError  # a dataset problem; the message names the file and line (shared.sft reads the records)
 
 
 @dataclass(frozen=True)
@@ -58,21 +56,10 @@ class Example:
         return len(self.input_ids) >= 3
 
 
-def _messages(value, where: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: 'messages' must be a non-empty list")
-    for k, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: messages[{k}] must be an object with string 'role' and 'content'")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: messages[{k}].role {m['role']!r} is not system/user/assistant")
-    return value
-
-
 def assistant_spans(record: dict, where: str) -> tuple[str, list[tuple[int, int]]]:
     """(rendered text, [(start, end) character spans of assistant content + <|end|>])."""
     if "messages" in record:
-        messages = _messages(record["messages"], where)
+        messages = check_messages(record["messages"], where)
         text = render_chat(messages)
         if "text" in record and record["text"] != text:
             raise DataError(f"{where}: 'text' differs from 'messages' rendered with the Phi-3.5 template")
@@ -137,20 +124,7 @@ def load(path: str | Path, tokenizer, seq_len: int, sample: int | None = None, s
         raise DataError(f"{path}: dataset file not found")
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("the trainer needs a fast tokenizer (tokenizer.json) for character offsets")
-    rows: list[tuple[str, str, list]] = []
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            where = f"{path}:{lineno}"
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise DataError(f"{where}: not a JSON line ({err})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            text, spans = assistant_spans(record, where)
-            rows.append((where, text, spans))
+    rows = [(r.where, *assistant_spans(r.fields, r.where)) for r in records(path)]
     if not rows:
         raise DataError(f"{path}: no records")
     if sample is not None and sample < len(rows):

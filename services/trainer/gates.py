@@ -80,7 +80,8 @@ def attach_gates(
         module = attn[i]
         if hasattr(module, GATE_ATTR):
             raise ValueError(f"layer {i} already has an SO(8) gate")
-        hidden = _in_features(module.o_proj)
+        o_proj: nn.Module = module.o_proj  # type: ignore[assignment]  # a Linear, an 8/4-bit or a LoRA layer
+        hidden = _in_features(o_proj)
         gate = SO8Gate(hidden, init_scale=init_scale, generator=generator)
         if gates is not None:
             A = gates[i]
@@ -90,16 +91,16 @@ def attach_gates(
                 )
             with torch.no_grad():
                 gate.A.copy_(A.float())
-        gate.to(_device(module.o_proj))
+        gate.to(_device(o_proj))
         module.add_module(GATE_ATTR, gate)
-        gate.hook_input_of(module.o_proj)
+        gate.hook_input_of(o_proj)
         out[i] = gate
     return out
 
 
 def _batched(gates: dict[int, SO8Gate]) -> torch.Tensor:
     """Every gate's rotation, [Σk, 8, 8], in one matrix_exp (per device when the gates are spread over several)."""
-    As = [g.A for g in gates.values()]
+    As: list[torch.Tensor] = [g.A for g in gates.values()]
     return rotations(torch.cat(As)) if len({a.device for a in As}) == 1 else torch.cat([rotations(a) for a in As])
 
 

@@ -33,6 +33,7 @@ from services.trainer import artifact, checkpoint, data
 from services.trainer import device as device_setup
 from services.trainer import model as mdl
 from services.trainer.config import TrainConfig
+from services.trainer.data import Dataset, Order
 from services.trainer.distributed import Dist, fingerprint
 from services.trainer.gates import StepRotations, attach_gates, clear_rotations, gate_tensors
 from services.trainer.metrics import MetricsSink
@@ -74,8 +75,8 @@ class State:
     """Everything one training session holds, built by Run's _setup_* steps."""
 
     tokenizer: Any
-    data: data.Dataset
-    order: data.Order
+    data: Dataset
+    order: Order
     total: int  # optimizer steps of the whole run
     pet: PetSchedule
     peft: torch.nn.Module  # the PEFT model (gates are submodules of it)
@@ -86,7 +87,7 @@ class State:
     scheduler: Any
     precision: Precision
     objective: Objective
-    forward: torch.nn.Module  # the objective, DDP-wrapped when distributed
+    forward: Any  # the objective, DDP-wrapped when distributed (no_sync)
     validation: Validation | None  # train.eval_steps on val.jsonl
 
 
@@ -115,9 +116,9 @@ class Run:
         self.val_dataset = val_dataset
         self.ckpt_root = out_dir / "checkpoints"
         self.final_dir = out_dir / "final"
-        self.base = cfg.model.base_model
-        if not self.base:
+        if not cfg.model.base_model:
             raise ConfigError("model.base_model: no base model (set it in the config or pass --base-model)")
+        self.base: str = cfg.model.base_model
         self.digest = cfg.training_digest()
         self.started = time.time()
         self.base_sha: str | None = None
@@ -170,7 +171,7 @@ class Run:
 
     def _setup_model(self) -> Model:
         cfg = self.cfg
-        base_model = mdl.load_base(cfg.model, self.base, self.dist.device)
+        base_model: Any = mdl.load_base(cfg.model, self.base, self.dist.device)
         peft = mdl.add_lora(base_model, cfg.lora, self.base, cfg.train.seed)
         gates = {}
         if cfg.gates.enabled:
@@ -184,7 +185,7 @@ class Run:
             *(",".join(cfg.lora.target_modules), sum(p.numel() for p in lora_params)),
             *(sorted(gates) or "none", sum(p.numel() for p in gate_params), self.dist.device),
         )
-        return Model(peft, gates, base_model.config.hidden_size, lora_params, gate_params)
+        return Model(peft, gates, int(base_model.config.hidden_size), lora_params, gate_params)
 
     def _setup_optimizer(self, m: Model, total: int) -> tuple[torch.optim.Optimizer, Any]:
         cfg = self.cfg.optim
@@ -200,7 +201,7 @@ class Run:
         scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" and dtype == torch.float16 else None
         return Precision(dev.type, dtype, scaler)
 
-    def _setup_forward(self, objective: Objective, gate_params: list[torch.nn.Parameter]) -> torch.nn.Module:
+    def _setup_forward(self, objective: Objective, gate_params: list[torch.nn.Parameter]) -> Any:
         if not self.dist.active:
             return objective
         from torch.nn.parallel import DistributedDataParallel as DDP

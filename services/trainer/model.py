@@ -121,7 +121,7 @@ def add_lora(model: nn.Module, cfg: LoraSection, base: str, seed: int) -> nn.Mod
         )
     lcfg = LoraConfig(
         r=cfg.r,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft annotates int; a float alpha works (α/r)
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         bias="none",

@@ -10,6 +10,8 @@ restart at 0 for each record and no mask, which transformers' Phi-3 turns into b
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +24,7 @@ from shared.pet import pet_sequence_sum
 class Objective(nn.Module):
     def __init__(self, model: nn.Module, gates: dict, pet_enabled: bool, huber_delta: float):
         super().__init__()
-        self.model = model  # the PEFT model (gates are already submodules of it)
+        self.model: Any = model  # the PEFT model (gates are already submodules of it)
         self._gates = dict(gates)  # a plain dict: not registered twice
         self.pet_enabled, self.huber_delta = pet_enabled, huber_delta
         self.step: StepRotations | None = None  # set by the training loop for the forwards of one optimizer step
@@ -65,6 +67,7 @@ class Objective(nn.Module):
         if self.pet_enabled:
             if segments is None:
                 rows = torch.arange(1, input_ids.shape[0] + 1, device=input_ids.device).unsqueeze(1)
+                assert attention_mask is not None, "a padded batch has a mask, a packed one segments"
                 segments = attention_mask * rows
             pet = pet_sequence_sum(hidden, segments, self.huber_delta)
         # in a training step the loop adds the regulariser once per step (StepRotations.backward)
