@@ -61,7 +61,7 @@ IMAGES = SO8T_COMPOSE="$(1)" REGISTRY="$(REGISTRY)" IMAGES_LOCK="$(IMAGES_LOCK)"
 # with BUILD=0, a recipe's first line: the images of $(2) (every service of $(1) when empty) are all there
 NEED_IMAGES = $(if $(filter 0,$(BUILD)),@$(call IMAGES,$(1)) check $(2),)
 
-.PHONY: help pipeline up down logs ps build push pull demo data-dir dataset train bake convert import images-cpu stack-test deploy-test
+.PHONY: help pipeline up down logs ps build push pull demo rehearsal data-dir dataset train bake convert import images-cpu stack-test deploy-test
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
@@ -140,6 +140,12 @@ convert: data-dir  ## one stage: the GGUF converter
 import: data-dir  ## one stage: import the GGUFs into the ollama service and run the /think smoke test
 	$(call NEED_IMAGES,$(PIPELINE),ollama-import ollama)
 	$(PIPELINE) run --rm -e SO8T_PIPELINE_ID= -e SO8T_WAIT_TIMEOUT=0 ollama-import $(ARGS)
+
+# the real Phi-3.5 tokenizer (a directory or the hub id) for the full-size rehearsal
+TOKENIZER ?= ../shared/fixtures/phi35-tokenizer
+
+rehearsal: $(VENV)/.installed  ## every stage at Phi-3.5-mini size on the CPU, one table (bench/full_size.py; ~1.5 h, 30 GB disk)
+	$(PY) bench/full_size.py --tokenizer "$(TOKENIZER)" $(ARGS)
 
 demo: $(VENV)/.installed  ## no Docker, no GPU: the same chain natively on a tiny random Phi-3, in minutes
 	$(VENV)/bin/so8t pipeline --config configs/pipeline/tiny.yaml $(ARGS)
