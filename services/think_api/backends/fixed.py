@@ -10,7 +10,8 @@ from services.think_api.backends.protocol import Generation, GenRequest, StreamI
 
 class FixedOutputBackend:
     """Returns preset replies. `reply` is a string or a function of the rendered prompt; `delay_s` simulates the
-    generation time of a whole reply; a stream yields `piece_chars` characters at a time, `piece_delay_s` apart."""
+    generation time of a whole reply (a stream waits it before its first piece, like a prompt being read); a stream
+    yields `piece_chars` characters at a time, `piece_delay_s` apart. `parallel`: generations it runs at once."""
 
     name = "fixed-output"
 
@@ -21,8 +22,9 @@ class FixedOutputBackend:
         delay_s: float = 0.0,
         piece_chars: int = 4,
         piece_delay_s: float = 0.0,
+        parallel: int = 64,
     ):
-        self.model = model
+        self.model, self.parallel = model, parallel
         self._reply = reply
         self.delay_s = delay_s
         self.piece_chars, self.piece_delay_s = piece_chars, piece_delay_s
@@ -40,6 +42,8 @@ class FixedOutputBackend:
 
     def stream(self, req: GenRequest) -> Iterator[StreamItem]:
         text = self._text(req)
+        if self.delay_s:
+            time.sleep(self.delay_s)
         for i in range(0, len(text), self.piece_chars):
             if self.piece_delay_s:
                 time.sleep(self.piece_delay_s)

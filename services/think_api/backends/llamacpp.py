@@ -39,6 +39,7 @@ class LlamaCppBackend:
     """One generation at a time: a Llama is not thread-safe, so a stream holds the lock until it is closed."""
 
     name = "llamacpp"
+    parallel = 1  # admission's default: one generation at a time
 
     def __init__(self, gguf: str | Path, n_ctx: int = 4096, n_threads: int | None = None, seed: int = 0):
         path = Path(gguf)

@@ -24,6 +24,7 @@ class OllamaBackend:
     `timeout` bounds each wait on the server (connecting, and each read: a whole reply, or one streamed part)."""
 
     name = "ollama"
+    parallel = 4  # admission's default: Ollama's own OLLAMA_NUM_PARALLEL default (set --parallel to match yours)
 
     def __init__(self, model: str, host: str | None = None, timeout: float = 600.0, probe_timeout: float = 5.0):
         import ollama

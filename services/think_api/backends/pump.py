@@ -11,25 +11,38 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
 
-from services.think_api.backends.protocol import Backend, GenRequest
+from services.think_api.backends.protocol import Backend, BackendError, Generation, GenRequest
 
 END = object()  # the backend's iterator is exhausted (or closed)
 SILENCE = object()  # nothing arrived within the timeout
+GONE = object()  # the client went away (the `gone` event given to `get` is set)
+
+
+async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
+    waits = {asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 class BackendPump:
-    def __init__(self, backend: Backend, req: GenRequest):
+    """`on_end` is called on the backend's thread once it has ended (the admission slot is given back then)."""
+
+    def __init__(self, backend: Backend, req: GenRequest, on_end: Callable[[], None] | None = None):
         self._loop = asyncio.get_running_loop()
         self._items: collections.deque[Any] = collections.deque()
         self._ready = asyncio.Event()
         self._wake_pending = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(backend, req), name="so8t-stream", daemon=True)
+        self._on_end = on_end
+        self._thread = threading.Thread(target=self._run, args=(backend, req), name="so8t-model", daemon=True)
         self._thread.start()
 
     def _wake(self) -> None:  # on the event loop
@@ -48,6 +61,8 @@ class BackendPump:
     def _run(self, backend: Backend, req: GenRequest) -> None:
         items: Iterator[Any] | None = None
         try:
+            if self._stop.is_set():  # stopped before it began: the backend never sees the request
+                return
             items = backend.stream(req)
             for item in items:
                 if self._stop.is_set():
@@ -61,18 +76,37 @@ class BackendPump:
             except Exception:  # noqa: BLE001 - a backend that fails to close has ended all the same
                 pass
             self._put(END)
+            if self._on_end is not None:
+                self._on_end()
 
-    async def get(self, timeout: float) -> Any:
-        """The next item (text, Generation, an exception, END), or SILENCE after `timeout` seconds."""
+    async def get(self, timeout: float, gone: asyncio.Event | None = None) -> Any:
+        """The next item (text, Generation, an exception, END), SILENCE after `timeout` seconds, or GONE once
+        `gone` is set (the backend is then told to stop)."""
         while not self._items:
             self._ready.clear()
             if self._items:
                 break
+            if gone is not None and gone.is_set():
+                self.stop()
+                return GONE
             with anyio.move_on_after(max(timeout, 0.0)) as waited:
-                await self._ready.wait()
+                await (self._ready.wait() if gone is None else _either(self._ready, gone))
             if waited.cancelled_caught:
                 return SILENCE
         return self._items.popleft()
+
+    async def whole(self, gone: asyncio.Event) -> Generation | None:
+        """The whole reply (the stream's last item), None if the client went first (the backend is stopped)."""
+        while True:
+            item = await self.get(float("inf"), gone)
+            if isinstance(item, Generation):
+                return item
+            if item is GONE:
+                return None
+            if isinstance(item, BaseException):
+                raise item
+            if item is END:
+                raise BackendError("backend_bad_response", 502, "the backend's stream ended before its last part")
 
     def more_text(self) -> str:
         """The text items already waiting right behind the one just read (joined), without waiting."""

@@ -16,11 +16,18 @@ from pydantic import BaseModel
 
 class ApiError(Exception):
     def __init__(
-        self, http_status: int, code: str, message: str, fields: list[dict] | None = None, retry: bool | None = None
+        self,
+        http_status: int,
+        code: str,
+        message: str,
+        fields: list[dict] | None = None,
+        retry: bool | None = None,
+        retry_after: int | None = None,
     ):
         super().__init__(message)
         self.http_status, self.code, self.message, self.fields = http_status, code, message, fields
         self.retry = retry  # None: let the client decide; False: retrying gives the same answer (x-should-retry)
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429: the queue is full)
 
 
 class FieldError(BaseModel):
@@ -87,5 +94,7 @@ def api_error_response(err: ApiError, request_id: str | None, openai: bool = Fal
     headers = {"WWW-Authenticate": "Bearer"} if err.http_status == 401 else {}
     if err.retry is not None:
         headers["x-should-retry"] = "true" if err.retry else "false"
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(err.retry_after)
     status = 400 if openai and err.http_status == 422 else err.http_status
     return error_response(status, err.code, err.message, request_id, err.fields, headers or None, openai)
