@@ -36,8 +36,20 @@ class OncePerMessage(logging.Filter):
         return True
 
 
+def bars() -> bool:
+    """Progress bars on: stderr is a terminal, or $SO8T_PROGRESS=1 ($SO8T_PROGRESS=0 turns them off)."""
+    force = os.environ.get("SO8T_PROGRESS")
+    return force == "1" or (force is None and sys.stderr.isatty())
+
+
 def setup(level: str | int | None = None) -> None:
-    """Configure root logging once: time, level, stage name, message. $SO8T_LOG_LEVEL overrides."""
+    """Configure root logging once: time, level, stage name, message. $SO8T_LOG_LEVEL overrides. Without bars (a
+    container's log, a file), the libraries' own bars are off too: transformers' "Loading weights" bar alone
+    writes a line per tensor (195 for Phi-3.5-mini) into every stage's log."""
+    if not bars():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by huggingface_hub and transformers
+        if "transformers" in sys.modules:  # imported before this call: its switch was read already
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     level = level or os.environ.get("SO8T_LOG_LEVEL", "INFO")
     root = logging.getLogger()
     if not any(getattr(h, "_so8t", False) for h in root.handlers):
@@ -59,6 +71,4 @@ def progress(
     iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"
 ) -> tqdm:
     """A progress bar on stderr; quiet when stderr is not a terminal unless $SO8T_PROGRESS=1."""
-    force = os.environ.get("SO8T_PROGRESS")
-    disable = (force == "0") or (force is None and not sys.stderr.isatty())
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, mininterval=0.5)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not bars(), dynamic_ncols=True, mininterval=0.5)
