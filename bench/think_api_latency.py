@@ -14,7 +14,14 @@ Table 2, time to the first byte of the answer and to the end, one client: POST /
 whole, and the same streamed (first byte = the first content delta). Backends that write a whole well-formed
 reply: `fixed` paced like a model (a piece of 3 characters every 5 ms; whole replies take as long), and
 `llamacpp` on the tiny Phi-3 trained here to write one /think reply (thinking, then a final part of about 90
-characters) and converted to F16 as the converter stage does. Prints tables; asserts nothing.
+characters) and converted to F16 as the converter stage does.
+
+Table 3, scaling out (`--tables 3`): 1, 4 and 16 clients against (a) the API on in-process llama.cpp (one
+generation at a time), (b) llama.cpp's `llama-server` with 4 slots called directly (POST /v1/completions with the
+rendered prompt), (c) the API in front of (b) (`--backend openai`), all on the same trained GGUF, greedy:
+req/s, p50/p99 latency of whole requests, and the time to the first byte streamed ((b): the first token, thinking
+included; (a), (c): the first byte of the answer, after the gate). Then /healthz p99 while (c) is overloaded
+(more clients than slots + waiting room: some get 429). Prints tables; asserts nothing.
 """
 
 from __future__ import annotations
@@ -256,13 +263,21 @@ def print_first_byte(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", nargs="+", choices=("fixed", "llamacpp"), default=["fixed", "llamacpp"])
-    ap.add_argument("--tables", nargs="+", type=int, choices=(1, 2), default=[1, 2])
+    ap.add_argument("--tables", nargs="+", type=int, choices=(1, 2, 3), default=[1, 2])
     ap.add_argument("--requests", type=int, default=320, help="requests per backend and client count (320)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--gguf", type=Path, default=None, help="GGUF for llamacpp (default: tiny random Phi-3, F16)")
     ap.add_argument("--max-tokens", type=int, default=8, help="new tokens per llamacpp request (8)")
     ap.add_argument("--stream-requests", type=int, default=40, help="requests per row of table 2 (40)")
+    ap.add_argument("--scale-requests", type=int, default=4, help="table 3: requests per client per row (4)")
     args = ap.parse_args()
+    if 3 in args.tables:
+        from _scale import scale_tables  # noqa: PLC0415 - table 3 alone needs llama-server
+
+        with tempfile.TemporaryDirectory() as tmp:
+            scale_tables(think_gguf(Path(tmp)), args.scale_requests, Path(tmp))
+        if args.tables == [3]:
+            return
     overhead, first_byte = [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -29,8 +29,10 @@ RUN --mount=type=secret,id=pip_cert --mount=type=bind,source=.wheelhouse,target=
  && pip install -c /tmp/deps/constraints.txt -r /tmp/deps/requirements.txt
 
 # llama.cpp: the bindings compiled from the pinned llama-cpp-python sdist, plus its convert_hf_to_gguf.py and gguf-py
-# under /opt/venv/share/so8t/llama.cpp. The compiled wheel is kept in a BuildKit cache between builds, seeded from
-# the wheelhouse's copy of the native cache when there is one (same Python and flags: nothing to compile).
+# under /opt/venv/share/so8t/llama.cpp, and llama.cpp's own llama-server (/opt/venv/bin: the engine of the CPU stack's
+# llama-server service) from the same sources. The compiled wheel and server are kept in a BuildKit cache between
+# builds, seeded from the wheelhouse's copy of the native cache when there is one (same Python and flags: nothing
+# to compile).
 COPY scripts/install-llama-cpp.sh /tmp/scripts/install-llama-cpp.sh
 RUN --mount=type=cache,target=/root/.cache/so8t --mount=type=secret,id=pip_cert --mount=type=bind,source=.wheelhouse,target=/wheelhouse \
     if [ -d /wheelhouse/so8t-cache ]; then cp -an /wheelhouse/so8t-cache/. /root/.cache/so8t/; fi \
@@ -62,7 +64,7 @@ COPY services ./services
 COPY configs ./configs
 COPY examples ./examples
 RUN --mount=type=secret,id=pip_cert . /usr/local/lib/so8t/pip-env.sh \
- && pip install --no-deps -e . && python -c "import llama_cpp, gguf, torch, services.cli"
+ && pip install --no-deps -e . && python -c "import llama_cpp, gguf, torch, services.cli" && llama-server --version
 
 USER so8t
 ENTRYPOINT []

@@ -3,6 +3,8 @@
 #   - the llama_cpp bindings (inference, llama_model_quantize), compiled once and cached as a wheel;
 #   - llama.cpp's own convert_hf_to_gguf.py + conversion/ + gguf-py, copied to <prefix>/share/so8t/llama.cpp
 #     (gguf-py is also installed as the `gguf` package: the converter needs that one, not PyPI's).
+#   - llama.cpp's own `llama-server` (the same sources), built once and cached, copied to <prefix>/bin/llama-server
+#     (the engine behind `so8t serve --backend openai`); SO8T_LLAMA_SERVER=0 skips it.
 # Usage: scripts/install-llama-cpp.sh [PYTHON]     (default: python3; the venv's python in `make test`)
 # The cache lives outside the repo: $SO8T_CACHE (default ~/.cache/so8t), keyed by version and build flags.
 set -euo pipefail
@@ -18,8 +20,11 @@ PREFIX="$($PY -c 'import sys; print(sys.prefix)')"
 SHARE="$PREFIX/share/so8t/llama.cpp"
 
 installed="$($PY -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))' 2>/dev/null || true)"
+WANT_SERVER="${SO8T_LLAMA_SERVER:-1}"
+SERVER_FLAGS="-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_APP=OFF"
+server_ok() { [ "$WANT_SERVER" = 0 ] || [ -x "$PREFIX/bin/llama-server" ]; }
 if [ "$installed" = "$LLAMA_CPP_PYTHON_VERSION" ] && [ -f "$SHARE/convert_hf_to_gguf.py" ] && [ -f "$SHARE/VERSION" ] \
-   && [ "$(cat "$SHARE/VERSION")" = "$LLAMA_CPP_PYTHON_VERSION" ]; then
+   && [ "$(cat "$SHARE/VERSION")" = "$LLAMA_CPP_PYTHON_VERSION" ] && server_ok; then
   echo "llama.cpp (llama-cpp-python $LLAMA_CPP_PYTHON_VERSION) already installed in $PREFIX"
   exit 0
 fi
@@ -42,6 +47,19 @@ if ! ls "$DIR"/wheel/llama_cpp_python-*.whl >/dev/null 2>&1; then
   mv "$DIR/wheel.tmp" "$DIR/wheel"
 fi
 
+# llama-server from the same vendored sources, static (no shared libs to ship), no network features (no curl/TLS,
+# no web UI download): `make venv` and the images carry it; keyed by its own flags beside the wheel
+SERVER_DIR="$DIR/server-$(printf '%s' "$SERVER_FLAGS" | sha256sum | cut -c1-8)"
+if [ "$WANT_SERVER" != 0 ] && [ ! -x "$SERVER_DIR/llama-server" ]; then
+  echo ">> compiling llama-server (same llama.cpp sources): several minutes on first use, cached afterwards"
+  rm -rf "$SERVER_DIR.tmp"
+  # shellcheck disable=SC2086
+  cmake -S "$VENDOR" -B "$SERVER_DIR.tmp/build" $SERVER_FLAGS >/dev/null
+  cmake --build "$SERVER_DIR.tmp/build" --target llama-server -j"$(nproc)" >/dev/null
+  install -m 755 "$SERVER_DIR.tmp/build/bin/llama-server" "$SERVER_DIR.tmp/llama-server"
+  rm -rf "$SERVER_DIR.tmp/build" && mv "$SERVER_DIR.tmp" "$SERVER_DIR"
+fi
+
 echo ">> installing llama-cpp-python and llama.cpp's gguf-py into $PREFIX"
 $PY -m pip install --quiet --no-deps --force-reinstall "$DIR"/wheel/llama_cpp_python-*.whl
 $PY -m pip install --quiet --no-deps --force-reinstall "$VENDOR/gguf-py"
@@ -53,4 +71,7 @@ cp -r "$VENDOR/conversion" "$SHARE.tmp/"
 [ -d "$VENDOR/gguf-py" ] && cp -r "$VENDOR/gguf-py" "$SHARE.tmp/"
 echo "$LLAMA_CPP_PYTHON_VERSION" > "$SHARE.tmp/VERSION"
 rm -rf "$SHARE" && mv "$SHARE.tmp" "$SHARE"
-echo "llama.cpp ready: bindings $LLAMA_CPP_PYTHON_VERSION, converter at $SHARE"
+if [ "$WANT_SERVER" != 0 ]; then
+  install -m 755 "$SERVER_DIR/llama-server" "$PREFIX/bin/llama-server.tmp" && mv "$PREFIX/bin/llama-server.tmp" "$PREFIX/bin/llama-server"
+fi
+echo "llama.cpp ready: bindings $LLAMA_CPP_PYTHON_VERSION, converter at $SHARE, llama-server in $PREFIX/bin"

@@ -103,14 +103,19 @@ def plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
 
 
 def serve_command(cfg: PipelineConfig, layout: Layout, backend: str = "ollama") -> tuple[str, ...]:
-    """`so8t serve` for what the chain made: the Ollama tag (or, with llamacpp, the GGUF) of `serve.gguf_type`."""
+    """`so8t serve` for what the chain made: the Ollama tag (or, with llamacpp, the GGUF; with openai, the name
+    llama-server serves the GGUF under) of `serve.gguf_type`."""
     qtype = cfg.serve.gguf_type
-    model = (
-        f"{cfg.ollama.model}:{ollama_tag(qtype)}"
-        if backend == "ollama"
-        else str(layout.run(cfg.run_id).gguf_file(cfg.convert.name, qtype))
-    )
+    gguf = layout.run(cfg.run_id).gguf_file(cfg.convert.name, qtype)
+    model = {"ollama": f"{cfg.ollama.model}:{ollama_tag(qtype)}", "openai": gguf.name}.get(backend, str(gguf))
     return _py("services.think_api", "--backend", backend, "--model", model, "--format", cfg.dataset.format)
+
+
+def engine_command(cfg: PipelineConfig, layout: Layout) -> tuple[str, ...]:
+    """llama.cpp's `llama-server` on the GGUF of `serve.gguf_type`, served under its file name (what
+    `serve_command(..., "openai")` asks for); host, port and slots are the caller's."""
+    gguf = layout.run(cfg.run_id).gguf_file(cfg.convert.name, cfg.serve.gguf_type)
+    return ("llama-server", "--model", str(gguf), "--alias", gguf.name)
 
 
 def stage(stages: list[Stage], name: str) -> Stage:

@@ -10,8 +10,9 @@ The profile is `--config`, else configs/pipeline/$SO8T_PROFILE.yaml (compose set
 A stage's command, its upstream and every path come from the chain's one description (services/pipeline/plan.py:
 the profile and shared.layout); EXTRA ARGS (what `docker compose run <service> ...` appends) go to the last
 command. When a stage's command ends, its finish marker (`<run>/stack/<stage>.json`: pipeline id, exit code)
-tells the stages after it. `--serve llamacpp` first waits for the converter's GGUFs. Any command can be wrapped the
-same way: `--name NAME [--after NAME=DIR] -- COMMAND` (several commands separated by a literal `&&` argument).
+tells the stages after it. `--serve llamacpp` and `--serve llama-server` first wait for the converter's GGUFs.
+Any command can be wrapped the same way: `--name NAME [--after NAME=DIR] -- COMMAND` (several commands separated by
+a literal `&&` argument).
 Environment: SO8T_PROFILE, SO8T_PIPELINE_ID (set by `make pipeline`), SO8T_WAIT_TIMEOUT (default 7d; 0 = look once
 and fail at once), SO8T_WAIT_INTERVAL (default 10s), SO8T_STACK_DIR (only for --name).
 """
@@ -33,9 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print", action="store_true", help="print each stage's upstream and commands, run nothing")
     p.add_argument(
         "--serve",
-        choices=("ollama", "llamacpp"),
+        choices=("ollama", "llamacpp", "openai", "llama-server"),
         metavar="BACKEND",
-        help="exec the think API on the profile's model: its Ollama tag, or its GGUF through llama.cpp",
+        help="exec the think API on the profile's model: its Ollama tag, its GGUF through llama.cpp, or through an "
+        "OpenAI-compatible engine (openai: give --upstream); llama-server: exec that engine on the GGUF",
     )
     p.add_argument("--name", help="wrap a command of your own: its stage name (its finish marker's name)")
     p.add_argument(
@@ -105,9 +107,9 @@ def profile_jobs(profile: str | Path, names: list[str], extra: list[str], layout
 
 
 def serve_job(profile: str | Path, backend: str, extra: list[str], layout=None):
-    """The think API as a job: what it waits for (the GGUFs, for llamacpp) and its command."""
+    """The think API (or llama-server) as a job: what it waits for (the GGUFs, for llama.cpp) and its command."""
     from services.pipeline.config import PipelineConfig
-    from services.pipeline.plan import plan, serve_command
+    from services.pipeline.plan import engine_command, plan, serve_command
     from services.stack.wait import Job, Upstream
     from shared.config import load_config
     from shared.layout import Layout
@@ -115,7 +117,9 @@ def serve_job(profile: str | Path, backend: str, extra: list[str], layout=None):
     cfg = load_config(PipelineConfig, profile)
     layout = layout or Layout.from_env()
     convert = next(s for s in plan(cfg, layout) if s.name == "convert")
-    after = [Upstream("convert", convert.output)] if backend == "llamacpp" else []
+    after = [Upstream("convert", convert.output)] if backend in ("llamacpp", "llama-server") else []
+    if backend == "llama-server":
+        return Job("llama-server", after, [[*engine_command(cfg, layout), *extra]]), layout.run(cfg.run_id).stack
     return Job("think-api", after, [[*serve_command(cfg, layout, backend), *extra]]), layout.run(cfg.run_id).stack
 
 
@@ -143,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
                 return code
             argv = job.commands[0]
             print("exec:", " ".join(argv), file=sys.stderr, flush=True)
-            os.execv(argv[0], argv)
+            os.execvp(argv[0], argv)  # llama-server is found on PATH
     else:
         try:
             jobs, stack_dir = profile_jobs(profile_path(args.config), head, tail)
