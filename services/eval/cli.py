@@ -26,7 +26,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--output", required=True, metavar="DIR", help="eval directory (replaced as a whole)")
     flags.add(p, EvalOptions)
+    p.add_argument(
+        "--acceptance",
+        metavar="JSON",
+        help="the acceptance policy each model is judged by (services/eval/acceptance.py), as a JSON object "
+        'such as \'{"max_false_allow": 0.05, "on_fail": "warn"}\' or "warn"; default: its default limits',
+    )
     p.add_argument("--force", action="store_true", help="evaluate even when the manifest says it is up to date")
+
+
+def _policy(text: str | None):
+    import json
+
+    from services.eval.acceptance import AcceptancePolicy
+    from shared.config import validate
+    from shared.errors import InputError
+
+    if text is None:
+        return AcceptancePolicy()
+    try:
+        data = "warn" if text.strip() == "warn" else json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"--acceptance: not JSON ({err})") from None
+    return validate(AcceptancePolicy, data, "--acceptance")
 
 
 def _splits(specs: list[str]) -> dict:
@@ -50,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     from services.eval.run import evaluate
 
     models = [ModelSpec.parse(m) for m in args.model]
-    result = evaluate(_splits(args.split), models, args.output, flags.parse(EvalOptions, args), force=args.force)
+    opts = flags.parse(EvalOptions, args)
+    result = evaluate(_splits(args.split), models, args.output, opts, force=args.force, policy=_policy(args.acceptance))
     print((result.output / "report.md").read_text(encoding="utf-8"))
     print(f"{'up to date, skipped: ' if result.skipped else ''}report, figure and transcripts in {result.output}")
     return 0

@@ -18,6 +18,13 @@ from typing import Any
 from services.think_api.gate import decide
 from shared.think_format import LABELS, parse
 
+try:  # the gate keys its thinking digest with a server secret; the eval's digests are never kept
+    from services.think_api.secret import ServerSecret
+
+    _GATE_KEY: tuple = (ServerSecret.ephemeral(),)
+except ImportError:  # a gate without a server secret
+    _GATE_KEY = ()
+
 GATE_OUTCOMES = ("answered", "denied", "refused", "escalated", "withheld")
 PREDICTED = (*LABELS, "none")
 _MARKERS = ("# 思考ステップ", "# 最終回答", "<think", "</think", "<final", "</final", "判定:", "Verdict:")
@@ -48,7 +55,7 @@ def leaks(thinking: str | None, answer: str, prompt: str) -> bool:
 
 def judge(reply: str, prompt: str) -> Scored:
     p = parse(reply)
-    d = decide(reply, prompt)
+    d = decide(reply, prompt, *_GATE_KEY)
     format_ok = p.ok and p.thinking is not None and p.final is not None
     return Scored(
         format_ok,

@@ -62,6 +62,11 @@ class Reply:
 class Generator(Protocol):
     def generate(self, prompt: str, max_tokens: int) -> Reply: ...
 
+    def logprobs(self, texts: list[str]) -> list[float] | None:
+        """Teacher-forced log-probability of each text's tokens after the texts' longest common token prefix
+        (None where the model gives no probabilities: Ollama)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -97,7 +102,19 @@ class HFGenerator:
             )
         new = out[0, ids.shape[1] :].tolist()
         new = new[: next((i for i, t in enumerate(new) if t in self.stops), len(new))]
-        return Reply(self.tok.decode(new), len(new), time.time() - t0)
+        return Reply(str(self.tok.decode(new)), len(new), time.time() - t0)
+
+    def logprobs(self, texts: list[str]) -> list[float] | None:
+        seqs = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        c = common_prefix(seqs)
+        out = []
+        with self.torch.inference_mode():
+            for seq in seqs:
+                ids = self.torch.tensor([seq], device=self.device)
+                logits = self.model(ids).logits[0, c - 1 : len(seq) - 1].float()
+                lp = self.torch.log_softmax(logits, dim=-1)
+                out.append(float(lp.gather(1, ids[0, c:, None]).sum()))
+        return out
 
     def close(self) -> None:
         del self.model
@@ -118,6 +135,27 @@ class GGUFGenerator:
         t0 = time.time()
         new = self.llama.greedy(self.llm, ids, min(max_tokens, self.llm.n_ctx() - len(ids)), self.stops)
         return Reply(self.llama.detokenize(self.llm, new), len(new), time.time() - t0)
+
+    def logprobs(self, texts: list[str]) -> list[float] | None:
+        """The common prefix evaluated once; each text's tail after it from there (the cache rewound between)."""
+        import numpy as np
+
+        seqs = [self.llama.tokenize(self.llm, t) for t in texts]
+        c = common_prefix(seqs)
+        if max(map(len, seqs)) > self.llm.n_ctx():
+            return None
+        self.llm.reset()
+        self.llm.eval(seqs[0][:c])
+        out = []
+        for seq in seqs:
+            self.llm.n_tokens = c  # the next eval drops the cache past the prefix
+            if len(seq) - c > 1:
+                self.llm.eval(seq[c:-1])
+            rows = np.asarray(self.llm.scores[c - 1 : len(seq) - 1], dtype=np.float64)
+            lp = rows - rows.max(axis=1, keepdims=True)
+            lp -= np.log(np.exp(lp).sum(axis=1, keepdims=True))
+            out.append(float(lp[np.arange(len(seq) - c), seq[c:]].sum()))
+        return out
 
     def close(self) -> None:
         self.llm.close()
@@ -141,10 +179,24 @@ class OllamaGenerator:
             stream=False,
             options={"temperature": 0, "seed": self.seed, "num_predict": max_tokens, "stop": list(STOP_TOKENS)},
         )
-        return Reply(r.response, int(r.eval_count or 0), time.time() - t0)
+        return Reply(r.response or "", int(r.eval_count or 0), time.time() - t0)
+
+    def logprobs(self, texts: list[str]) -> list[float] | None:
+        return None
 
     def close(self) -> None:
         pass
+
+
+def common_prefix(seqs: list[list[int]]) -> int:
+    """The length of the longest common prefix of `seqs`; every sequence must go on past it (texts that differ
+    in their last characters do) and the prefix must not be empty."""
+    c = 0
+    while all(len(s) > c for s in seqs) and len({s[c] for s in seqs}) == 1:
+        c += 1
+    if c == 0 or any(len(s) == c for s in seqs):
+        raise ValueError("texts to score need a common, non-empty token prefix and a tail each")
+    return c
 
 
 def gguf_cache() -> Path:

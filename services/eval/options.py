@@ -21,6 +21,9 @@ class EvalOptions(StrictModel):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for llama.cpp and torch (default: all); changes no output"
     )
+    label_scores: bool = Field(
+        True, description="score each label's probability at the verdict (four teacher-forced passes per record)"
+    )
     hf_without_cuda: Literal["gguf", "transformers"] = Field(
         "gguf",
         description="where no CUDA device is: evaluate a Hugging Face model as an F16 GGUF converted once and cached "
