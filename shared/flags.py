@@ -138,6 +138,8 @@ def add(
         help_ = _description(f).replace("%", "%%")
         default = None if overrides or f.is_required() else _default(f)
         kw: dict[str, Any] = {"dest": opt.dest, "default": None, "metavar": opt.flag[2:].upper().replace("-", "_")}
+        if f.is_required() and not overrides:
+            kw["required"] = True
         if overrides:
             help_ += f"{'; ' if help_ else ''}overrides the config's {opt.path}"
         if opt.sub is not None:

@@ -4,65 +4,34 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from services.ollama.options import ImportOptions, ModelfileOptions, SmokeOptions
+from shared import flags
 from shared.errors import InputError, StageError
-from shared.think_format import FORMATS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    host_help = "Ollama server URL (default: $OLLAMA_HOST, else http://127.0.0.1:11434)"
-    wait_help = "seconds to wait for the server to come up (default 120)"
-
     imp = sub.add_parser(
         "import",
         help="upload GGUFs and create name:<quant> models (e.g. so8t-think:q4_k_m)",
         description="Upload GGUFs to an Ollama server and create a model per quantisation.",
     )
-    imp.add_argument("--gguf", nargs="+", required=True, type=Path, help="GGUF file(s) written by `so8t convert`")
-    imp.add_argument(
-        "--model",
-        required=True,
-        help="model name; the tag is the quantisation (name:f16, name:q8_0, name:q4_k_m) unless given "
-        "as name:tag (one GGUF only)",
-    )
-    imp.add_argument(
-        "--run-dir",
-        type=Path,
-        default=None,
-        help="where Modelfile.<tag> and manifest.json go (default: <gguf dir>/../ollama)",
-    )
-    imp.add_argument("--format", choices=FORMATS, default="simple", help="the /think format the model was trained on")
-    imp.add_argument("--host", default=None, help=host_help)
-    imp.add_argument("--wait", type=float, default=120.0, help=wait_help)
-
+    flags.add(imp, ImportOptions, ["gguf", "model", "run_dir", "format", "host", "wait"])
     smk = sub.add_parser(
         "smoke",
         help="ask /think prompts at temperature 0 and check the format; writes smoke.json",
         description="Japanese and English /think prompts through the chat API, parsed by the "
         "shared parser; fails unless thinking and answer come apart cleanly.",
     )
-    smk.add_argument("--model", required=True, help="name:tag of an imported model")
-    smk.add_argument("--output", type=Path, required=True, help="directory for smoke.json")
-    smk.add_argument("--host", default=None, help=host_help)
-    smk.add_argument("--wait", type=float, default=120.0, help=wait_help)
-    smk.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per reply (default 600)")
-
+    flags.add(smk, SmokeOptions, ["model", "output", "host", "wait", "timeout"])
     mf = sub.add_parser(
         "modelfile",
         help="print or write the Modelfile of a GGUF (for `ollama create -f`)",
         description="The generated Modelfile: FROM the GGUF (relative to the Modelfile), the "
         "Phi-3.5 template, stop tokens, sampling parameters and the /think system prompt.",
     )
-    mf.add_argument("--gguf", required=True, type=Path, help="the GGUF file")
-    mf.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help="Modelfile path; FROM is then relative to it (default: print to stdout, FROM absolute)",
-    )
-    mf.add_argument("--format", choices=FORMATS, default="simple", help="the /think format the model was trained on")
+    flags.add(mf, ModelfileOptions)
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -70,14 +39,15 @@ def _import(args: argparse.Namespace) -> int:
 
     from services.ollama import importer
 
-    if len(args.gguf) > 1 and ":" in args.model.rsplit("/", 1)[-1]:
+    o = flags.parse(ImportOptions, args)
+    if len(o.gguf) > 1 and ":" in o.model.rsplit("/", 1)[-1]:
         raise InputError("--model name:tag takes one GGUF; give a bare name to tag each by its quantisation")
     started = time.time()
-    run_dir = args.run_dir or args.gguf[0].resolve().parent.parent / "ollama"
-    c = importer.client(args.host)
-    importer.wait_for_server(c, args.wait)
-    done = [importer.import_gguf(c, g, args.model, run_dir, args.format, args.wait) for g in args.gguf]
-    importer.record(run_dir, done, args.format, importer.host_of(c), started)
+    run_dir = o.run_dir or o.gguf[0].resolve().parent.parent / "ollama"
+    c = importer.client(o.host)
+    importer.wait_for_server(c, o.wait)
+    done = [importer.import_gguf(c, g, o.model, run_dir, o.format, o.wait) for g in o.gguf]
+    importer.record(run_dir, done, o.format, importer.host_of(c), started)
     for imp in done:
         print(f"{imp.model}: created from {imp.gguf} ({imp.digest}); Modelfile: {imp.modelfile}")
     return 0
@@ -89,18 +59,19 @@ def _smoke(args: argparse.Namespace) -> int:
     from services.ollama import importer
     from services.ollama.smoke import run_smoke
 
-    c = importer.client(args.host, timeout=args.timeout)
-    importer.wait_for_server(c, args.wait)
+    o = flags.parse(SmokeOptions, args)
+    c = importer.client(o.host, timeout=o.timeout)
+    importer.wait_for_server(c, o.wait)
     try:
-        out = run_smoke(c, args.model, args.output)
+        out = run_smoke(c, o.model, o.output)
     except ollama.ResponseError as err:
-        raise StageError(f"{args.model} at {importer.host_of(c)}: HTTP {err.status_code}: {err.error}") from None
+        raise StageError(f"{o.model} at {importer.host_of(c)}: HTTP {err.status_code}: {err.error}") from None
     for r in out["results"]:
         print(
             f"{'PASS' if r['passed'] else 'FAIL'}  [{r['lang']}] {r['prompt']}  label={r['label']}"
             + ("" if r["passed"] else f"  ({r['error']})")
         )
-    print(f"transcripts: {args.output / 'smoke.json'}")
+    print(f"transcripts: {o.output / 'smoke.json'}")
     if not out["passed"]:
         raise StageError(f"{len(out['failed'])} of {len(out['results'])} replies are not in the /think format")
     return 0
@@ -110,13 +81,14 @@ def _modelfile(args: argparse.Namespace) -> int:
     from services.ollama import modelfile
     from shared import atomic
 
-    if not args.gguf.is_file():
-        raise InputError(f"{args.gguf}: GGUF file not found")
-    if args.output is None:
-        sys.stdout.write(modelfile.render(str(args.gguf.resolve()), args.format))  # no known home: absolute
+    o = flags.parse(ModelfileOptions, args)
+    if not o.gguf.is_file():
+        raise InputError(f"{o.gguf}: GGUF file not found")
+    if o.output is None:
+        sys.stdout.write(modelfile.render(str(o.gguf.resolve()), o.format))  # no known home: absolute
         return 0
-    atomic.write_text(args.output, modelfile.render(modelfile.from_path(args.gguf, args.output.parent), args.format))
-    print(f"Modelfile written to {args.output}")
+    atomic.write_text(o.output, modelfile.render(modelfile.from_path(o.gguf, o.output.parent), o.format))
+    print(f"Modelfile written to {o.output}")
     return 0
 
 

@@ -1,6 +1,11 @@
-"""How the server is set up (limits, sampling defaults, the API key), and the bounds every model request obeys."""
+"""How the server starts (ServeOptions: `so8t serve`'s own flags) and how it is set up (ServeSettings: limits,
+sampling defaults, the API key), each option declared once with its default and help; and the bounds every model
+request obeys."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -10,18 +15,46 @@ from shared.config import StrictModel
 from shared.think_format import Format, has_template_token
 
 
+class ServeOptions(StrictModel):
+    """What `so8t serve` starts: the backend and its model, where it listens, where it audits."""
+
+    backend: Literal["ollama", "llamacpp"] = Field(
+        description="ollama: an Ollama server ($OLLAMA_HOST); llamacpp: run a GGUF in this process"
+    )
+    model: str = Field(description="Ollama model name:tag, or the GGUF file for llamacpp")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port")
+    audit_db: Path | None = Field(None, description="audit database (default $DATA_DIR/audit/think_audit.sqlite3)")
+    n_ctx: int = Field(4096, gt=0, description="llamacpp: context window in tokens")
+    threads: int | None = Field(None, gt=0, description="llamacpp: CPU threads (default: all)")
+    timeout: float = Field(
+        600.0,
+        gt=0,
+        description="ollama: seconds allowed for each wait on the server (a whole reply, one streamed part)",
+    )
+
+
 class ServeSettings(StrictModel):
-    format: Format = "simple"  # the /think format the model was trained on (its system prompt)
-    max_request_bytes: int = Field(64 * 1024, gt=0)
-    max_prompt_chars: int = Field(8000, gt=0)  # a chat's messages together
-    max_tokens_limit: int = Field(2048, gt=0)
-    default_max_tokens: int = Field(512, gt=0)
-    temperature: float = Field(0.7, ge=0, le=2)  # the prototype's sampling defaults
-    top_p: float = Field(0.9, gt=0, le=1)
-    api_key: str | None = None
+    format: Format = Field("simple", description="the /think format the model was trained on (its system prompt)")
+    max_request_bytes: int = Field(64 * 1024, gt=0, description="largest request body in bytes")
+    max_prompt_chars: int = Field(8000, gt=0, description="longest prompt in characters (a chat's messages together)")
+    max_tokens_limit: int = Field(2048, gt=0, description="largest max_tokens a request may ask")
+    default_max_tokens: int = Field(512, gt=0, description="max_tokens of a request that gives none")
+    temperature: float = Field(0.7, ge=0, le=2, description="sampling temperature of a request that gives none")
+    top_p: float = Field(0.9, gt=0, le=1, description="top_p of a request that gives none")  # the prototype's
+    api_key: str | None = Field(None, description="the key the model routes need (from $SO8T_API_KEY, never a flag)")
     # a stream waits this long for the backend's first token before it starts (so a backend that is down is an
     # HTTP error, not a stream that fails), then sends an SSE comment after every such silence while the model thinks
-    stream_keepalive_s: float = Field(10.0, gt=0)
+    stream_keepalive_s: float = Field(
+        10.0,
+        gt=0,
+        description="streams: seconds of silence (the model thinking) before a keep-alive comment",
+        json_schema_extra={"flags": {"stream_keepalive_s": "keepalive"}},
+    )
+
+
+# the settings `so8t serve` takes as flags (the API key comes from the environment only)
+SERVE_FLAGS = ["format", "max_tokens_limit", "max_request_bytes", "max_prompt_chars", "stream_keepalive_s"]
 
 
 def check_limits(prompt_chars: int, max_tokens: int | None, texts: list[str], s: ServeSettings) -> None:
