@@ -1,4 +1,5 @@
-"""The records an evaluation asks: the dataset stage's JSONL (messages, four_class_label), a seeded sample per split.
+"""The records an evaluation asks: the dataset stage's JSONL (messages, four_class_label; read by shared.sft), a
+seeded sample per split.
 
 A record's prompt is its system and user turns, rendered as the model saw them in training; the reference is the
 final part of its assistant turn. A line that is not such a record is an error naming file and line.
@@ -6,12 +7,13 @@ final part of its assistant turn. A line that is not such a record is an error n
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared import sft
 from shared.errors import InputError
+from shared.sft import SftRecord
 from shared.think_format import LABELS, parse, render_chat
 
 
@@ -25,24 +27,20 @@ class Record:
     reference: str  # the reference final answer
 
 
-def _record(obj: object, where: str) -> Record:
-    if not isinstance(obj, dict):
-        raise InputError(f"{where}: expected a JSON object")
-    messages, label = obj.get("messages"), obj.get("four_class_label")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+def _record(r: SftRecord) -> Record:
+    where, messages, label = r.where, r.messages, r.label
+    if messages is None:
         raise InputError(f"{where}: messages: expected a list of role/content objects")
     if label not in LABELS:
         raise InputError(f"{where}: four_class_label: {label!r} is not one of {', '.join(LABELS)}")
-    if messages[-1].get("role") != "assistant":
+    if messages[-1]["role"] != "assistant":
         raise InputError(f"{where}: messages: the last turn must be the assistant's reference answer")
     asked = messages[:-1]
-    users = [m.get("content", "") for m in asked if m.get("role") == "user"]
+    users = [m["content"] for m in asked if m["role"] == "user"]
     if not users:
         raise InputError(f"{where}: messages: no user turn")
-    reference = parse(str(messages[-1].get("content", ""))).final or ""
-    return Record(
-        str(obj.get("id") or where), where, render_chat(asked, add_generation_prompt=True), users[-1], label, reference
-    )
+    reference = parse(messages[-1]["content"]).final or ""
+    return Record(r.id or where, where, render_chat(asked, add_generation_prompt=True), users[-1], label, reference)
 
 
 def load(path: str | Path, max_records: int | None, seed: int, split: str) -> list[Record]:
@@ -50,17 +48,7 @@ def load(path: str | Path, max_records: int | None, seed: int, split: str) -> li
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: split file not found (split {split!r})")
-    records = []
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise InputError(f"{where}: not a JSON line ({err})") from None
-            records.append(_record(obj, where))
+    records = [_record(r) for r in sft.records(path)]
     if not records:
         raise InputError(f"{path}: no records (split {split!r})")
     if max_records is not None and max_records < len(records):

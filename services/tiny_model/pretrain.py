@@ -16,7 +16,6 @@ zero rows (embedding and head), so greedy decoding never picks one.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from services.tiny_model.options import TinyOptions
-from shared import logs
+from shared import logs, sft
 from shared.errors import InputError
 from shared.think_format import parse, render_chat
 from shared.tiny import SP_PIECES, SPECIAL_TOKENS, VOCAB_SIZE
@@ -48,28 +47,29 @@ def _turns(messages: list[dict], where: str) -> list[tuple[str | None, str, str]
     return out
 
 
+def _documents(system: str | None, user: str, assistant: str) -> list[str]:
+    """Two documents of an answered turn: the chat with the final answer only, and the request with the thinking's
+    prose (verdict lines left out) and the answer."""
+    p = parse(assistant)
+    final, thinking = (p.final, p.thinking) if p.ok and p.final is not None else (assistant, None)
+    chat = [{"role": "system", "content": system}] if system else []
+    prose = [ln for ln in (thinking or "").split("\n") if ln.strip() and not ln.startswith(_VERDICT)]
+    return [
+        render_chat([*chat, {"role": "user", "content": user}, {"role": "assistant", "content": final}]),
+        "\n".join([user, *prose, final]),
+    ]
+
+
 def documents(path: Path) -> tuple[list[str], list[str]]:
     """(pretraining documents, the tokenizer's text: every line of every message) of a dataset split."""
-    docs, lines = [], []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                messages = json.loads(raw)["messages"]
-            except (ValueError, KeyError, TypeError) as err:
-                raise InputError(f"{where}: not a record of the dataset stage ({err})") from None
-            lines += [ln for m in messages for ln in str(m.get("content", "")).split("\n") if ln.strip()]
-            for system, user, assistant in _turns(messages, where):
-                p = parse(assistant)
-                final, thinking = (p.final, p.thinking) if p.ok else (assistant, None)
-                chat = [{"role": "system", "content": system}] if system else []
-                docs.append(
-                    render_chat([*chat, {"role": "user", "content": user}, {"role": "assistant", "content": final}])
-                )
-                prose = [ln for ln in (thinking or "").split("\n") if ln.strip() and not ln.startswith(_VERDICT)]
-                docs.append("\n".join([user, *prose, final]))
+    docs: list[str] = []
+    lines: list[str] = []
+    for r in sft.records(path):
+        if r.messages is None:
+            raise InputError(f"{r.where}: not a record of the dataset stage (no 'messages')")
+        lines += [ln for m in r.messages for ln in m["content"].split("\n") if ln.strip()]
+        for system, user, assistant in _turns(r.messages, r.where):
+            docs += _documents(system, user, assistant)
     if not docs:
         raise InputError(f"{path}: no records to pretrain on")
     return docs, lines
