@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt scripts/install-llama-cpp.sh
 test: lint
 	$(PY) -m pytest
 
-lint: $(VENV)/.installed  ## ruff (lint + format check) over the repo, mypy on shared/
+lint: $(VENV)/.installed  ## ruff (lint + format check) over the repo, mypy on shared/ and services/
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

@@ -177,7 +177,7 @@ def _write(model_dir: Path, out: Path, name: str, opts: ConvertOptions) -> stage
         )
     if "F16" not in opts.types:
         files.pop("F16").unlink()
-    outputs = {
+    outputs: dict[str, Any] = {
         t: {"file": p.name, "bytes": p.stat().st_size, "sha256": manifest.sha256_file(p)} for t, p in files.items()
     }
     metrics = {

@@ -147,7 +147,7 @@ def check_header(h: Header, exp: Expected, qtype: str) -> list[str]:
     want(Keys.LLM.FEED_FORWARD_LENGTH, exp.feed_forward_length)
     want(Keys.Attention.HEAD_COUNT, exp.head_count)
     want(Keys.Attention.HEAD_COUNT_KV, exp.head_count_kv)
-    want(Keys.General.FILE_TYPE, int(gguf.LlamaFileType[GGUF_FILE_TYPES[qtype]]))
+    want(Keys.General.FILE_TYPE, int(gguf.LlamaFileType[GGUF_FILE_TYPES[qtype]]))  # type: ignore[index]
     name = str(h.fields.get(Keys.General.NAME, ""))
     if not any(m in name.lower() for m in PHI3_NAME_MARKERS):
         bad.append(f"{Keys.General.NAME} {name!r} lacks 'phi-3'/'phi3': llama.cpp would not strip after special tokens")

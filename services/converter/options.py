@@ -29,7 +29,7 @@ class Thresholds(StrictModel):
         return max(self.max_abs, self.rel_max_abs * reference_max)
 
 
-DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
+DEFAULT_THRESHOLDS: dict[GgufType, Thresholds] = {
     "F16": Thresholds(max_abs=5e-3, rel_max_abs=5e-3, kl=1e-3, top1_decisive=1.0),
     "Q8_0": Thresholds(max_abs=0.1, rel_max_abs=0.05, kl=1e-2, top1_decisive=1.0),
     "Q4_K_M": Thresholds(max_abs=0.6, rel_max_abs=0.4, kl=0.1, top1_decisive=0.95),

@@ -85,7 +85,7 @@ def compute(model_dir: str | Path, max_new: int, threads: int | None = None) -> 
                 pad_token_id=stop_ids[-1] if stop_ids else None,
             )[0, len(prompt_ids) :].tolist()
         greedy = [t for t in seq[: next((i for i, t in enumerate(seq) if t in stop_ids), len(seq))]]
-        text = tok.decode(greedy)
+        text = str(tok.decode(greedy))
         del model
         gc.collect()
     finally:

@@ -11,11 +11,12 @@ Records whose output is already in /think form keep their thinking and answer.
 from __future__ import annotations
 
 import re
+from typing import Any, cast
 
 from services.dataset.records import Reject, Source
-from shared.think_format import Thinking, find_label, parse, verdict_line
+from shared.think_format import Label, Thinking, find_label, parse, verdict_line
 
-_TEXT = {
+_TEXT: dict[str, dict[str, Any]] = {
     "ja": {
         "task": "依頼の内容: {summary}\nユーザーは{domain}について{kind}を求めている。",
         "kind_q": "回答",
@@ -95,7 +96,7 @@ def derive(src: Source) -> tuple[Thinking, str]:
     assessment = t["safety"][src.label].format(domain=domain, safety=safety)
     thinking = Thinking(
         task=task,
-        safety=f"{assessment}\n{verdict_line(src.label, src.lang)}",
+        safety=f"{assessment}\n{verdict_line(cast(Label, src.label), src.lang)}",
         policy=t["policy"][src.label],
     )
     final = src.answer if src.label == "ALLOW" else t["final"][src.label].format(domain=domain, safety=safety)

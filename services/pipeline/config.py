@@ -43,12 +43,18 @@ class ConvertStage(ConvertOptions):
     name: str = Field("so8t", pattern=NAME, description="GGUF file name stem: <name>-<TYPE>.gguf")
 
 
+Split = Literal["val", "train"]
+EvalModel = Literal["base", "baked", "F16", "Q8_0", "Q4_K_M"]
+SPLITS: tuple[Split, ...] = ("val", "train")
+EVAL_MODELS: tuple[EvalModel, ...] = ("base", "F16", "Q8_0", "Q4_K_M")
+
+
 class EvalStage(EvalOptions):
-    splits: list[Literal["val", "train"]] = Field(
-        default_factory=lambda: ["val", "train"], min_length=1, description="the dataset's splits to ask"
+    splits: list[Split] = Field(
+        default_factory=lambda: list(SPLITS), min_length=1, description="the dataset's splits to ask"
     )
-    models: list[Literal["base", "baked", "F16", "Q8_0", "Q4_K_M"]] = Field(
-        default_factory=lambda: ["base", "F16", "Q8_0", "Q4_K_M"],
+    models: list[EvalModel] = Field(
+        default_factory=lambda: list(EVAL_MODELS),
         min_length=1,
         description="the base model, the baked model, and the GGUFs of convert.types",
     )

@@ -83,22 +83,13 @@ def pretrain(model_dir: Path, docs: list[str], opts: TinyOptions) -> dict[str, A
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = Phi3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    real = [i for i in range(SP_PIECES) if not tok.convert_ids_to_tokens(i).startswith("<unused")]
-    live = torch.tensor(sorted(set(real) | set(SPECIAL_TOKENS.values())))
-    unused = torch.ones(VOCAB_SIZE, dtype=torch.bool)
-    unused[live] = False
-    index = torch.full((VOCAB_SIZE,), -100, dtype=torch.long)
-    index[live] = torch.arange(len(live))
+    live, unused, index = _vocabulary(tok)
     seqs = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
 
     torch.manual_seed(opts.seed)
     rng = random.Random(opts.seed)
     params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=opts.pretrain_lr, weight_decay=0.0, betas=(0.9, 0.98))
-    steps, warm = opts.pretrain_steps, max(1, opts.pretrain_steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(steps, 1))))
-    )
+    optimizer, schedule = _optimizer(params, opts)
 
     def zero_unused() -> None:
         with torch.no_grad():
@@ -107,19 +98,15 @@ def pretrain(model_dir: Path, docs: list[str], opts: TinyOptions) -> dict[str, A
 
     zero_unused()
     model.train()
-    losses, order = [], []
-    for _ in logs.progress(range(steps), desc="pretrain", unit="step"):
+    losses: list[float] = []
+    order: list[int] = []
+    for _ in logs.progress(range(opts.pretrain_steps), desc="pretrain", unit="step"):
         if len(order) < opts.pretrain_batch:
             perm = list(range(len(seqs)))
             rng.shuffle(perm)
             order += perm
         batch, order = order[: opts.pretrain_batch], order[opts.pretrain_batch :]
-        width = max(len(seqs[i]) for i in batch)
-        ids = torch.full((len(batch), width), SPECIAL_TOKENS["<|endoftext|>"], dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-            mask[row, : len(seqs[i])] = 1
+        ids, mask = _padded([seqs[i] for i in batch])
         hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         keep = mask[:, 1:].bool()
         logits = hidden[:, :-1][keep] @ model.lm_head.weight[live].T  # a softmax over the real vocabulary
@@ -133,11 +120,56 @@ def pretrain(model_dir: Path, docs: list[str], opts: TinyOptions) -> dict[str, A
         losses.append(loss.item())
     model.eval()
     model.save_pretrained(model_dir, safe_serialization=True)
+    return _figures(docs, seqs, opts.pretrain_steps, len(live), losses, t0)
+
+
+def _vocabulary(tok: Any) -> tuple[Any, Any, Any]:
+    """(the live token ids: real pieces and special tokens, a mask of the unused ids, each id's index among the
+    live ones or -100)."""
+    import torch
+
+    real = [i for i in range(SP_PIECES) if not tok.convert_ids_to_tokens(i).startswith("<unused")]
+    live = torch.tensor(sorted(set(real) | set(SPECIAL_TOKENS.values())))
+    unused = torch.ones(VOCAB_SIZE, dtype=torch.bool)
+    unused[live] = False
+    index = torch.full((VOCAB_SIZE,), -100, dtype=torch.long)
+    index[live] = torch.arange(len(live))
+    return live, unused, index
+
+
+def _optimizer(params: list[Any], opts: TinyOptions) -> tuple[Any, Any]:
+    """AdamW with a linear warm-up over the first 5% of the steps, then a cosine decay."""
+    import torch
+
+    optimizer = torch.optim.AdamW(params, lr=opts.pretrain_lr, weight_decay=0.0, betas=(0.9, 0.98))
+    steps, warm = opts.pretrain_steps, max(1, opts.pretrain_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(steps, 1))))
+    )
+    return optimizer, schedule
+
+
+def _padded(batch: list[list[int]]) -> tuple[Any, Any]:
+    """Right-padded ids (with <|endoftext|>) and the attention mask of `batch`."""
+    import torch
+
+    width = max(len(seq) for seq in batch)
+    ids = torch.full((len(batch), width), SPECIAL_TOKENS["<|endoftext|>"], dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, seq in enumerate(batch):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def _figures(
+    docs: list[str], seqs: list[list[int]], steps: int, live: int, losses: list[float], t0: float
+) -> dict[str, Any]:
     figures = {
         "documents": len(docs),
         "tokens": sum(map(len, seqs)),
         "steps": steps,
-        "live_vocab": len(live),
+        "live_vocab": live,
         "loss_first": round(losses[0], 4) if losses else None,
         "loss_last": round(losses[-1], 4) if losses else None,
         "seconds": round(time.time() - t0, 1),

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if not verdict.ok:
         print(
             f"{path}: BROKEN at row seq={verdict.broken_seq}: {verdict.reason} "
-            f"({verdict.rows} rows; chain intact up to seq={verdict.broken_seq - 1})"
+            f"({verdict.rows} rows; chain intact up to seq={(verdict.broken_seq or 1) - 1})"
         )
         return 1
     print(f"{path}: OK, {verdict.rows} rows, chain intact; head hash {verdict.head}")
