@@ -14,6 +14,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from shared import atomic
 from shared.think_format import PHI35_CHAT_TEMPLATE
@@ -125,10 +126,24 @@ def build_tokenizer(out: str | Path, vocab: int = 1000, text: Sequence[str] = ()
     if got != SPECIAL_TOKENS:
         raise RuntimeError(f"special token ids came out as {got}")
     tok.save_pretrained(out)  # writes tokenizer.json (the fast tokenizer, added tokens included)
-    # Phi-3.5's own tokenizer.json normalises every text piece between special tokens with Prepend("▁") + Replace
-    # (" " -> "▁") and has no pre-tokenizer, like llama.cpp's SentencePiece tokeniser; the conversion above gives a
-    # Metaspace pre-tokenizer that prepends "▁" to the first piece only, so the ids after a special token differed.
-    spec = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    _phi35_normalizer(out / "tokenizer.json")
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    # tokenizer_config.json in the shape Phi-3.5-mini-instruct ships (older loaders and llama.cpp read it)
+    atomic.write_json(out / "tokenizer_config.json", _phi35_tokenizer_config())
+    atomic.write_json(out / "added_tokens.json", SPECIAL_TOKENS)
+    atomic.write_json(
+        out / "special_tokens_map.json",
+        {"bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"},
+    )
+    return AutoTokenizer.from_pretrained(out)
+
+
+def _phi35_normalizer(path: Path) -> None:
+    """Phi-3.5's own tokenizer.json normalises every text piece between special tokens with Prepend("▁") + Replace
+    (" " -> "▁") and has no pre-tokenizer, like llama.cpp's SentencePiece tokeniser; the conversion from the
+    SentencePiece model gives a Metaspace pre-tokenizer that prepends "▁" to the first piece only, so the ids after
+    a special token differed."""
+    spec = json.loads(path.read_text(encoding="utf-8"))
     spec["normalizer"] = {
         "type": "Sequence",
         "normalizers": [
@@ -137,46 +152,38 @@ def build_tokenizer(out: str | Path, vocab: int = 1000, text: Sequence[str] = ()
         ],
     }
     spec["pre_tokenizer"] = None
-    atomic.write_text(out / "tokenizer.json", json.dumps(spec, ensure_ascii=False, indent=2))
-    (out / "chat_template.jinja").unlink(missing_ok=True)
-    # tokenizer_config.json in the shape Phi-3.5-mini-instruct ships (older loaders and llama.cpp read it)
-    atomic.write_json(
-        out / "tokenizer_config.json",
-        {
-            "add_bos_token": False,
-            "add_eos_token": False,
-            "add_prefix_space": None,
-            "added_tokens_decoder": {
-                str(i): {
-                    "content": t,
-                    "lstrip": False,
-                    "normalized": False,
-                    "rstrip": t != "<|endoftext|>",
-                    "single_word": False,
-                    "special": True,
-                }
-                for t, i in SPECIAL_TOKENS.items()
-            },
-            "bos_token": "<s>",
-            "chat_template": PHI35_CHAT_TEMPLATE,
-            "clean_up_tokenization_spaces": False,
-            "eos_token": "<|endoftext|>",
-            "legacy": False,
-            "model_max_length": 131072,
-            "pad_token": "<|endoftext|>",
-            "padding_side": "left",
-            "sp_model_kwargs": {},
-            "tokenizer_class": "LlamaTokenizer",
-            "unk_token": "<unk>",
-            "use_default_system_prompt": False,
+    atomic.write_text(path, json.dumps(spec, ensure_ascii=False, indent=2))
+
+
+def _phi35_tokenizer_config() -> dict[str, Any]:
+    return {
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": None,
+        "added_tokens_decoder": {
+            str(i): {
+                "content": t,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": t != "<|endoftext|>",
+                "single_word": False,
+                "special": True,
+            }
+            for t, i in SPECIAL_TOKENS.items()
         },
-    )
-    atomic.write_json(out / "added_tokens.json", SPECIAL_TOKENS)
-    atomic.write_json(
-        out / "special_tokens_map.json",
-        {"bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"},
-    )
-    return AutoTokenizer.from_pretrained(out)
+        "bos_token": "<s>",
+        "chat_template": PHI35_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|endoftext|>",
+        "legacy": False,
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "padding_side": "left",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>",
+        "use_default_system_prompt": False,
+    }
 
 
 def tiny_config(hidden: int = 256, layers: int = 2, heads: int = 4, intermediate: int = 512):

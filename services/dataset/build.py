@@ -15,6 +15,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from services.dataset import quality
 from services.dataset.options import DatasetOptions
@@ -100,106 +101,132 @@ def build(patterns: list[str], output: str | Path, opts: DatasetOptions, force: 
 
 def _write(files: list[Path], out: Path, opts: DatasetOptions) -> stage.Built:
     """Pass 1 (validate, render, spool) and pass 2 (split) into `out`; returns the manifest's figures."""
-    per_file: dict[str, FileStats] = {str(p): FileStats() for p in files}
-    reasons: Counter = Counter()
-    labels: Counter = Counter()
-    seen: set[bytes] = set()
-    keys: dict[str, list[tuple[str, int]]] = defaultdict(list)
-    quality_scores: list[float] = []
-    first_rejects: list[str] = []  # for the error when nothing is usable (rejects.jsonl goes with the staging dir)
-    count = 0
-
+    first = _FirstPass(files, opts)
     with (
         tempfile.TemporaryFile("w+", encoding="utf-8", dir=out) as spool,
         open(out / "rejects.jsonl", "w", encoding="utf-8", newline="\n") as rej,
     ):
-
-        def reject(where_file: str, lineno: int, raw: bytes, r: Reject) -> None:
-            row = {
-                "file": where_file,
-                "line": lineno,
-                "reason": r.reason,
-                "field": r.field,
-                "message": r.message,
-                "raw": raw.decode("utf-8", errors="backslashreplace"),
-            }
-            rej.write(json.dumps(row, ensure_ascii=False) + "\n")
-            per_file[where_file].rejected += 1
-            reasons[r.reason] += 1
-            if len(first_rejects) < 5:
-                first_rejects.append(f"{where_file}:{lineno}: {r.reason}: {r.message}")
-
         for path in files:
-            name = str(path)
-            stats = per_file[name]
-            try:
-                fh = open(path, "rb")
-            except OSError as err:
-                raise InputError(f"{path}: cannot read ({err.strerror})") from None
-            with fh:
-                for lineno, raw in enumerate(logs.progress(fh, desc=path.name, unit="line"), start=1):
-                    raw = raw.rstrip(b"\r\n")
-                    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                        raw = raw[3:]  # UTF-8 byte-order mark
-                    if not raw.strip():
-                        continue  # blank lines are layout, not records
-                    stats.read += 1
-                    try:
-                        if len(raw) > 1 << 20:
-                            raise Reject("line_too_long", f"line is {len(raw)} bytes (limit 1 MiB)")
-                        obj, src = parse_line(raw)
-                        rec = _record(obj, src, opts, f"{name}:{lineno}")
-                        if opts.min_quality is not None and rec["quality"] < opts.min_quality:
-                            raise Reject("low_quality", f"thinking quality {rec['quality']} < {opts.min_quality}")
-                    except Reject as r:
-                        reject(name, lineno, raw, r)
-                        continue
-                    digest = hashlib.sha256(rec["text"].encode()).digest()
-                    if digest in seen:
-                        stats.duplicates += 1
-                        continue
-                    seen.add(digest)
-                    keys[rec["four_class_label"]].append(
-                        (hashlib.sha256(f"{opts.seed}:{rec['text']}".encode()).hexdigest(), count)
-                    )
-                    quality_scores.append(rec["quality"])
-                    labels[rec["four_class_label"]] += 1
-                    spool.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    stats.written += 1
-                    count += 1
+            first.read(path, spool, rej)
+        first.check_usable()
+        split = _split(spool, out, _val_ids(first.keys, opts.val_ratio))
+    return stage.Built(first.metrics(split), {name: manifest.sha256_file(out / name) for name in OUTPUTS})
 
-        if count == 0:
+
+class _FirstPass:
+    """Pass 1: every input line validated and rendered; records spooled in order, rejects written with their
+    reason, duplicates counted; the figures the manifest reports."""
+
+    def __init__(self, files: list[Path], opts: DatasetOptions):
+        self.opts = opts
+        self.per_file: dict[str, FileStats] = {str(p): FileStats() for p in files}
+        self.reasons: Counter = Counter()
+        self.labels: Counter = Counter()
+        self.seen: set[bytes] = set()
+        self.keys: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        self.quality_scores: list[float] = []
+        self.first_rejects: list[str] = []  # for the error when nothing is usable (rejects.jsonl goes with staging)
+        self.count = 0
+
+    def read(self, path: Path, spool: IO[str], rej: IO[str]) -> None:
+        name = str(path)
+        try:
+            fh = open(path, "rb")
+        except OSError as err:
+            raise InputError(f"{path}: cannot read ({err.strerror})") from None
+        with fh:
+            for lineno, raw in enumerate(logs.progress(fh, desc=path.name, unit="line"), start=1):
+                raw = raw.rstrip(b"\r\n")
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # UTF-8 byte-order mark
+                if not raw.strip():
+                    continue  # blank lines are layout, not records
+                self.per_file[name].read += 1
+                try:
+                    rec = self._render(raw, f"{name}:{lineno}")
+                except Reject as r:
+                    self._reject(rej, name, lineno, raw, r)
+                    continue
+                self._accept(rec, spool, self.per_file[name])
+
+    def _render(self, raw: bytes, where: str) -> dict:
+        if len(raw) > 1 << 20:
+            raise Reject("line_too_long", f"line is {len(raw)} bytes (limit 1 MiB)")
+        obj, src = parse_line(raw)
+        rec = _record(obj, src, self.opts, where)
+        if self.opts.min_quality is not None and rec["quality"] < self.opts.min_quality:
+            raise Reject("low_quality", f"thinking quality {rec['quality']} < {self.opts.min_quality}")
+        return rec
+
+    def _reject(self, rej: IO[str], where_file: str, lineno: int, raw: bytes, r: Reject) -> None:
+        row = {
+            "file": where_file,
+            "line": lineno,
+            "reason": r.reason,
+            "field": r.field,
+            "message": r.message,
+            "raw": raw.decode("utf-8", errors="backslashreplace"),
+        }
+        rej.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.per_file[where_file].rejected += 1
+        self.reasons[r.reason] += 1
+        if len(self.first_rejects) < 5:
+            self.first_rejects.append(f"{where_file}:{lineno}: {r.reason}: {r.message}")
+
+    def _accept(self, rec: dict, spool: IO[str], stats: FileStats) -> None:
+        digest = hashlib.sha256(rec["text"].encode()).digest()
+        if digest in self.seen:
+            stats.duplicates += 1
+            return
+        self.seen.add(digest)
+        self.keys[rec["four_class_label"]].append(
+            (hashlib.sha256(f"{self.opts.seed}:{rec['text']}".encode()).hexdigest(), self.count)
+        )
+        self.quality_scores.append(rec["quality"])
+        self.labels[rec["four_class_label"]] += 1
+        spool.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        stats.written += 1
+        self.count += 1
+
+    def check_usable(self) -> None:
+        if self.count == 0:
             raise InputError(
-                f"no usable record in the input: every line was rejected ({dict(reasons)}):\n  "
-                + "\n  ".join(first_rejects)
+                f"no usable record in the input: every line was rejected ({dict(self.reasons)}):\n  "
+                + "\n  ".join(self.first_rejects)
             )
 
-        val = _val_ids(keys, opts.val_ratio)
-        split: Counter = Counter()
-        spool.seek(0)
-        with (
-            open(out / "train.jsonl", "w", encoding="utf-8", newline="\n") as train,
-            open(out / "val.jsonl", "w", encoding="utf-8", newline="\n") as valf,
-        ):
-            for idx, line in enumerate(spool):
-                (valf if idx in val else train).write(line)
-                split["val" if idx in val else "train"] += 1
+    def metrics(self, split: Counter) -> dict:
+        per_file, reasons, scores = self.per_file, self.reasons, self.quality_scores
+        totals = {
+            k: sum(getattr(s, k) for s in per_file.values()) for k in ("read", "written", "duplicates", "rejected")
+        }
+        assert totals["read"] == totals["written"] + totals["duplicates"] + totals["rejected"], totals
+        return {
+            **totals,
+            "train": split["train"],
+            "val": split["val"],
+            "per_label": dict(sorted(self.labels.items())),
+            "per_reason": dict(sorted(reasons.items())),
+            "per_file": {k: vars(v) for k, v in per_file.items()},
+            "quality": {
+                "filter": self.opts.min_quality,
+                "filtered": reasons.get("low_quality", 0),
+                "mean": round(sum(scores) / len(scores), 4),
+                "min": min(scores),
+                "max": max(scores),
+            },
+        }
 
-    totals = {k: sum(getattr(s, k) for s in per_file.values()) for k in ("read", "written", "duplicates", "rejected")}
-    assert totals["read"] == totals["written"] + totals["duplicates"] + totals["rejected"], totals
-    metrics = {
-        **totals,
-        "train": split["train"],
-        "val": split["val"],
-        "per_label": dict(sorted(labels.items())),
-        "per_reason": dict(sorted(reasons.items())),
-        "per_file": {k: vars(v) for k, v in per_file.items()},
-        "quality": {
-            "filter": opts.min_quality,
-            "filtered": reasons.get("low_quality", 0),
-            "mean": round(sum(quality_scores) / len(quality_scores), 4),
-            "min": min(quality_scores),
-            "max": max(quality_scores),
-        },
-    }
-    return stage.Built(metrics, {name: manifest.sha256_file(out / name) for name in OUTPUTS})
+
+def _split(spool: IO[str], out: Path, val: set[int]) -> Counter:
+    """Pass 2: the spooled records into train.jsonl and val.jsonl, in order; the count of each."""
+    split: Counter = Counter()
+    spool.seek(0)
+    with (
+        open(out / "train.jsonl", "w", encoding="utf-8", newline="\n") as train,
+        open(out / "val.jsonl", "w", encoding="utf-8", newline="\n") as valf,
+    ):
+        for idx, line in enumerate(spool):
+            (valf if idx in val else train).write(line)
+            split["val" if idx in val else "train"] += 1
+    return split
