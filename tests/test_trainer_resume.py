@@ -38,6 +38,8 @@ SETTINGS = dict(
         "num_threads": 1,
         "deterministic": True,
         "eval_steps": 3,  # validation on val.jsonl beside the train file: it must change nothing
+        "eval_generate_records": 2,  # nor must its greedy replies
+        "eval_generate_tokens": 24,
     },
     lora={"dropout": 0.1},  # dropout draws from the RNG: its state must come back exactly
     checkpoint={"save_steps": 2, "keep": 2, "save_minutes": None},
@@ -132,6 +134,9 @@ def test_reference_run_writes_the_contract_artifact(setup):
     assert val["best"]["lm"] == min(h["lm"] for h in val["history"]) and val["records"] == 6
     assert val["history"][-1]["lm"] < val["history"][0]["lm"]  # it trains on the same kind of text
     assert len(re.findall(r"step \d+/12 validation: lm [\d.]+", log)) == 4
+    assert len(re.findall(r"step \d+/12 replies: format [\d.]+, verdict right [\d.]+", log)) == 4
+    assert all(h["generated"] == 2 and 0 <= h["format"] <= 1 and 0 <= h["label_accuracy"] <= 1 for h in val["history"])
+    assert val["generate_records"] == 2
     assert [phases[n] for n in (3, 4, 8, 9)] == [
         (0.01, "exploration"),
         (0.05, "transition"),

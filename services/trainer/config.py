@@ -124,6 +124,10 @@ class TrainSection(StrictModel):
     # none), on its first eval_max_records records (a seeded sample; null: all). It changes no weight.
     eval_steps: int | None = Field(None, gt=0)
     eval_max_records: int | None = Field(None, gt=0)
+    # at each validation, a greedy reply to the first eval_generate_records of those records (0: none): the share in
+    # the /think format and with the reference's verdict, to the console, TensorBoard and the final manifest
+    eval_generate_records: int = Field(8, ge=0)
+    eval_generate_tokens: int = Field(256, gt=0)
 
 
 class CheckpointSection(StrictModel):
@@ -160,5 +164,15 @@ class TrainConfig(StrictModel):
         dataset is up to date.
         """
         return self.digest(
-            exclude={"checkpoint": True, "logging": True, "train": {"num_threads", "eval_steps", "eval_max_records"}}
+            exclude={
+                "checkpoint": True,
+                "logging": True,
+                "train": {
+                    "num_threads",
+                    "eval_steps",
+                    "eval_max_records",
+                    "eval_generate_records",
+                    "eval_generate_tokens",
+                },
+            }
         )

@@ -223,7 +223,16 @@ class Run:
             "validation: %d records (%d target tokens) of %s every %d steps",
             *(len(val.examples), sum(e.n_targets for e in val.examples), self.val_dataset, t.eval_steps),
         )
-        return Validation(val, t.eval_steps, tokenizer.pad_token_id, self.dist.device, precision.autocast)
+        return Validation(
+            val,
+            t.eval_steps,
+            tokenizer.pad_token_id,
+            self.dist.device,
+            precision.autocast,
+            tokenizer=tokenizer,
+            generate_records=t.eval_generate_records,
+            generate_tokens=t.eval_generate_tokens,
+        )
 
     # --- checkpoints (checkpoint.save / checkpoint.restore) -------------------------------------------------------
 
@@ -379,7 +388,9 @@ class Run:
             v.update(tokens_per_s=v["tokens"] / max(time.time() - t0, 1e-9), step=step)
             last = v
             if s.validation is not None and s.validation.due(step, s.total):
-                v["val_lm"] = s.validation.run(s.objective, step)["lm"]
+                point = s.validation.run(s.objective, step)
+                v["val_lm"] = point["lm"]
+                v |= {f"val_{k}": point[k] for k in ("format", "label_accuracy") if k in point}
             sink.step(step, v)
             due = self.dist.broadcast(policy.due(step))
             if due:

@@ -61,8 +61,19 @@ class MetricsSink:
             self.writer.add_scalar("pet/phase", self.pet.phase_index(step - 1), step)
             if "val_lm" in v:
                 self.writer.add_scalar("val/lm_loss", v["val_lm"], step)
+            for key in ("format", "label_accuracy"):
+                if f"val_{key}" in v:
+                    self.writer.add_scalar(f"val/{key}", v[f"val_{key}"], step)
         if "val_lm" in v:
             log.info("step %d/%d validation: lm %.4f (train lm %.4f)", step, self.total, v["val_lm"], v["lm"])
+        if "val_format" in v:
+            log.info(
+                "step %d/%d replies: format %.2f, verdict right %.2f",
+                step,
+                self.total,
+                v["val_format"],
+                v["val_label_accuracy"],
+            )
         if step % self.cfg.log_steps == 0 or step == self.total:
             rate = self.window_tokens / max(time.time() - self.window_start, 1e-9)
             self.window_tokens, self.window_start = 0, time.time()
