@@ -10,7 +10,7 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt scripts/install-llama-cpp.sh
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	scripts/install-llama-cpp.sh $(PY)
@@ -61,10 +61,13 @@ IMAGES = SO8T_COMPOSE="$(1)" REGISTRY="$(REGISTRY)" IMAGES_LOCK="$(IMAGES_LOCK)"
 # with BUILD=0, a recipe's first line: the images of $(2) (every service of $(1) when empty) are all there
 NEED_IMAGES = $(if $(filter 0,$(BUILD)),@$(call IMAGES,$(1)) check $(2),)
 
-.PHONY: help pipeline up down logs ps build push pull demo rehearsal data-dir dataset train bake convert import images-cpu stack-test deploy-test
+.PHONY: help pipeline up down logs ps build push pull demo rehearsal data-dir secrets dataset train bake convert import images-cpu stack-test deploy-test
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
+
+secrets:  ## the think API's server secret and API key (./secrets, 0600) and its audit folders, when absent
+	@scripts/secrets.sh
 
 data-dir:  ## create the data folder (so Docker does not create it as root); seed the example input if empty
 	@host="$${DOCKER_HOST:-$$(docker context inspect --format '{{.Endpoints.docker.Host}}' 2>/dev/null)}"; \
@@ -77,7 +80,7 @@ data-dir:  ## create the data folder (so Docker does not create it as root); see
 	  echo ">> $$input was empty: copied the example set (examples/four_class) there"; \
 	fi
 
-pipeline: data-dir  ## the whole chain in containers; follows the logs until the Ollama import + smoke test (else eval) ends
+pipeline: data-dir secrets  ## the whole chain in containers; follows the logs until the Ollama import + smoke test (else eval) ends
 	$(call NEED_IMAGES,$(PIPELINE))
 	@export SO8T_PIPELINE_ID="$$(date -u +%Y%m%dT%H%M%SZ)"; \
 	echo ">> pipeline $$SO8T_PIPELINE_ID: data in $(DATA_DIR), profile $(SO8T_PROFILE) (run $(RUN_ID))" \
@@ -95,7 +98,7 @@ pipeline: data-dir  ## the whole chain in containers; follows the logs until the
 	  echo ">> $$last exited $$rc (its restart policy may retry it): make ps, make logs SERVICE=<stage>"; \
 	fi; exit $$rc
 
-up: data-dir  ## ollama + think-api only: serve what was imported
+up: data-dir secrets  ## ollama + think-api only: serve what was imported
 	$(call NEED_IMAGES,$(COMPOSE))
 	$(COMPOSE) up --detach $(UP_BUILD)
 

@@ -15,7 +15,7 @@ RUN --mount=type=secret,id=pip_cert \
  && apt-get install -y --no-install-recommends build-essential cmake \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/venv \
- && . /usr/local/lib/so8t/pip-env.sh && pip install --upgrade pip
+ && . /usr/local/lib/so8t/pip-env.sh && pip install "pip==26.3"
 
 # torch (the CPU build, 2.13.0+cpu, outranks PyPI's CUDA one; with no index, the wheelhouse's), then the project's
 # dependencies pinned by constraints.txt

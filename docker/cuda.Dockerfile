@@ -37,7 +37,7 @@ RUN --mount=type=secret,id=pip_cert \
  && useradd --uid 1000 --user-group --create-home --home-dir /home/so8t --shell /bin/bash so8t \
  && chmod 1777 /home/so8t \
  && python3 -m venv /opt/venv \
- && . /usr/local/lib/so8t/pip-env.sh && pip install --upgrade pip
+ && . /usr/local/lib/so8t/pip-env.sh && pip install "pip==26.3"
 
 # torch: the CUDA build that matches the base image (2.13.0+cu130 from the PyTorch index outranks PyPI's plain
 # 2.13.0; PyPI serves the rest); with no index (the CPU build), the wheelhouse's CPU wheel

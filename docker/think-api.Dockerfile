@@ -16,7 +16,7 @@ RUN --mount=type=secret,id=pip_cert \
     useradd --uid 1000 --user-group --create-home --home-dir /home/so8t --shell /bin/bash so8t \
  && chmod 1777 /home/so8t \
  && python3 -m venv /opt/venv \
- && . /usr/local/lib/so8t/pip-env.sh && pip install --upgrade pip
+ && . /usr/local/lib/so8t/pip-env.sh && pip install "pip==26.3"
 
 # only what serving and the Ollama import need, versions from pyproject.toml + constraints.txt
 # (tests/test_dockerfiles.py checks this list covers every import of services.think_api and services.ollama)

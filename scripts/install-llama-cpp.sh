@@ -10,6 +10,8 @@
 set -euo pipefail
 
 LLAMA_CPP_PYTHON_VERSION="0.3.36"   # the single pin: native path and converter image alike
+# the sdist's sha256 as PyPI serves it (pip download --require-hashes agreed): a different file is refused
+LLAMA_CPP_PYTHON_SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 CMAKE_FLAGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF"
 
 PY="${1:-python3}"
@@ -34,6 +36,12 @@ if [ ! -f "$DIR/sdist.done" ]; then
   echo ">> downloading llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist"
   rm -rf "$DIR/sdist" && mkdir -p "$DIR/sdist"
   $PY -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$DIR/sdist"
+  got="$(sha256sum "$DIR"/sdist/llama_cpp_python-*.tar.gz | cut -d' ' -f1)"
+  if [ "$got" != "$LLAMA_CPP_PYTHON_SHA256" ]; then
+    echo "llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist: sha256 $got, expected $LLAMA_CPP_PYTHON_SHA256; refused" >&2
+    rm -rf "$DIR/sdist"
+    exit 1
+  fi
   tar -xzf "$DIR"/sdist/llama_cpp_python-*.tar.gz -C "$DIR/sdist"
   touch "$DIR/sdist.done"
 fi
@@ -63,7 +71,7 @@ fi
 echo ">> installing llama-cpp-python and llama.cpp's gguf-py into $PREFIX"
 $PY -m pip install --quiet --no-deps --force-reinstall "$DIR"/wheel/llama_cpp_python-*.whl
 $PY -m pip install --quiet --no-deps --force-reinstall "$VENDOR/gguf-py"
-$PY -m pip install --quiet "diskcache>=5.6" "jinja2>=2.11"   # llama_cpp's own runtime needs
+$PY -m pip install --quiet "diskcache==5.6.3" "jinja2==3.1.6"   # llama_cpp's own runtime needs (as constraints.txt)
 
 rm -rf "$SHARE.tmp" && mkdir -p "$SHARE.tmp"
 cp "$VENDOR/convert_hf_to_gguf.py" "$SHARE.tmp/"

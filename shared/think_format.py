@@ -88,8 +88,27 @@ def find_label(thinking: str) -> Label | None:
     return found[-1] if found else None
 
 
-def _fold(text: str) -> str:
-    return unicodedata.normalize("NFKC", text).casefold()
+# Characters that render as nothing: every format character (category Cf: zero-width space and joiners, soft
+# hyphen, word joiner, BOM, bidi controls, tag characters) and the other default-ignorable code points (variation
+# selectors, combining grapheme joiner, Hangul fillers, Mongolian free variation selectors). Unicode 15.1.
+_INVISIBLE = (
+    "\u00ad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u115f\u1160\u17b4\u17b5\u180b-\u180f"
+    "\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb"
+    "\U000110bd\U000110cd\U00013430-\U0001345f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
+)
+_INVISIBLE_RE = re.compile(f"[{_INVISIBLE}]+")
+
+
+def strip_invisible(text: str) -> str:
+    """`text` without the characters that render as nothing (format and default-ignorable code points)."""
+    return _INVISIBLE_RE.sub("", text)
+
+
+def fold(text: str) -> str:
+    """The one normaliser of every check that compares text (tags, headings, verdicts, the gate's repeat check):
+    invisible characters dropped, NFKC, casefold, then look-alikes NFKC leaves alone folded to Latin. Whitespace
+    is kept (line-based checks need it)."""
+    return unicodedata.normalize("NFKC", strip_invisible(text)).casefold().translate(_LOOKALIKES)
 
 
 # Look-alikes NFKC leaves as they are: other angle brackets, and Cyrillic/Greek/Armenian letters that look Latin.
@@ -124,7 +143,7 @@ _LOOKALIKES = str.maketrans(
 
 def has_tag(text: str) -> bool:
     """True if `text` holds anything tag-like of ours, Unicode look-alikes and case included."""
-    return bool(_TAG_RE.search(_fold(text).translate(_LOOKALIKES))) or bool(_TAG_RE.search(text))
+    return bool(_TAG_RE.search(fold(text))) or bool(_TAG_RE.search(text))
 
 
 _HEADING_WORDS = (THINK_HEADING.lstrip("# "), FINAL_HEADING.lstrip("# "))
@@ -134,11 +153,11 @@ _ANY_VERDICT_RE = re.compile(r"(?:判定|verdict)\s*[:：]\s*(?:allow|escalation
 
 def has_heading(text: str) -> bool:
     """True if a line of `text` is one of our headings, decorated or not (`#思考ステップ`, `## 最終回答:`)."""
-    return any("".join(line.split()).strip("#*_=:：-|>") in _HEADING_WORDS for line in _fold(text).splitlines())
+    return any("".join(line.split()).strip("#*_=:：-|>") in _HEADING_WORDS for line in fold(text).splitlines())
 
 
 def has_template_token(text: str) -> bool:
-    folded = _fold(text)
+    folded = fold(text)
     return any(tok in text or tok in folded for tok in TEMPLATE_TOKENS)
 
 
@@ -230,7 +249,7 @@ def _checked(fmt: Format, thinking: str, final: str) -> Parsed:
         return _bad(fmt, "final part is empty")
     if has_heading(final):
         return _bad(fmt, "heading inside the final part")
-    if _ANY_VERDICT_RE.search(_fold(final)):
+    if _ANY_VERDICT_RE.search(fold(final)):
         return _bad(fmt, "verdict line inside the final part")
     if has_template_token(final) or has_template_token(thinking):
         return _bad(fmt, "template token leaked into the output")

@@ -188,20 +188,31 @@ def test_restart_policies(config):
         assert s[name]["restart"] == "unless-stopped", name
 
 
-def test_one_shared_data_bind_mount_everywhere(config, compose_bin, empty_env_file):
-    for name, svc in config["services"].items():
-        assert svc["volumes"] == [{"type": "bind", "source": str(REPO / "data"), "target": "/data"}], name
+def test_one_shared_data_bind_mount_in_every_stage(config, compose_bin, empty_env_file):
+    data = {"type": "bind", "source": str(REPO / "data"), "target": "/data"}
+    for name in CHAIN:
+        assert config["services"][name]["volumes"] == [data], name
+    assert config["services"]["think-api"]["volumes"][0] == {**data, "read_only": True}
+    assert all(v["target"] != "/data" for v in config["services"]["ollama"]["volumes"])  # models through its API
     windows = rendered(compose_bin, empty_env_file, env={"DATA_DIR": "D:/webdataset"})
-    for name, svc in windows["services"].items():
-        assert [(v["source"], v["target"]) for v in svc["volumes"]] == [("D:/webdataset", "/data")], name
+    for name in [*CHAIN, "think-api"]:
+        assert windows["services"][name]["volumes"][0]["source"] == "D:/webdataset", name
 
 
-def test_hf_cache_and_token_reach_every_stage(compose_bin, empty_env_file, config):
+HUB_STAGES = {"trainer", "baker", "eval"}  # the stages that download the base model
+
+
+def test_hf_cache_everywhere_and_the_token_only_where_downloads_happen(compose_bin, empty_env_file, config):
     with_token = rendered(compose_bin, empty_env_file, env={"HF_TOKEN": "hf_test_token"})
     for name in CHAIN:
         env = config["services"][name]["environment"]
         assert env["HF_HOME"] == "/data/hf_cache" and env["DATA_DIR"] == "/data", name
-        assert env["HF_TOKEN"] == "" and with_token["services"][name]["environment"]["HF_TOKEN"] == "hf_test_token"
+    for name, svc in with_token["services"].items():
+        if name in HUB_STAGES:
+            assert config["services"][name]["environment"]["HF_TOKEN"] == ""
+            assert svc["environment"]["HF_TOKEN"] == "hf_test_token", name
+        else:
+            assert "HF_TOKEN" not in svc.get("environment", {}), name
 
 
 def test_gpu_reservations_only_for_trainer_and_baker(config, compose_bin, empty_env_file):
@@ -262,9 +273,13 @@ def test_images_pinned(config):
         image = svc["image"]
         assert re.fullmatch(r"[\w.\-/]+:[\w.\-]+(@sha256:[0-9a-f]{64})?", image), image
         assert not image.split("@")[0].endswith(":latest"), image
-        if "build" not in svc:  # not ours: pinned by digest too
+        if "build" not in svc and name != "ollama":  # not ours: pinned by digest too
             assert "@sha256:" in image, name
-    assert config["services"]["ollama"]["image"].startswith("ollama/ollama:")
+    ollama = config["services"]["ollama"]["image"]
+    assert ollama.startswith("ollama/ollama:")
+    # past GHSA-x8qc-fggm-mpqg (CVE-2026-7482: GGUF heap over-read through /api/create), fixed in 0.17.1
+    version = tuple(int(x) for x in ollama.split(":")[1].split("@")[0].split("."))
+    assert version >= (0, 17, 1), ollama
     cuda = {config["services"][n]["image"] for n in ("dataset", "trainer", "baker")}
     assert len(cuda) == 1  # one CUDA image for the three stages
 
@@ -570,3 +585,75 @@ def test_make_push_needs_a_registry(needs_make, tmp_path):
     assert [c for c in calls if c.startswith("push")] == [f"push {image}"]
     assert lock.read_text() == f"{image} {ref} sha256:stub-image-id\n"
     assert f"pushed {image} = {ref}" in r.stdout
+
+
+# ---- hardening (issue 22) ------------------------------------------------------------------------------------
+
+
+def test_every_container_drops_capabilities_and_privilege_gain(config):
+    for name, svc in config["services"].items():
+        assert svc.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in svc.get("security_opt", []), name
+
+
+def test_long_running_services_are_bounded_and_read_only(config):
+    for name in ("ollama", "think-api"):
+        svc = config["services"][name]
+        assert svc["read_only"] is True and svc["pids_limit"] > 0 and int(svc["mem_limit"]) > 0, name
+        assert any(str(t).startswith("/tmp") for t in svc.get("tmpfs", [])), name
+
+
+def test_ollama_is_never_on_a_public_interface(config, compose_bin, empty_env_file):
+    o = config["services"]["ollama"]
+    assert not o.get("ports") and list(o["networks"]) == ["models"]
+    assert config["networks"]["models"]["internal"] is True
+    assert {n for n, s in config["services"].items() if "models" in s.get("networks", {})} == {
+        "ollama",
+        "ollama-import",
+        "think-api",
+    }
+    r = subprocess.run(
+        [
+            str(compose_bin),
+            "--project-directory",
+            str(REPO),
+            "-f",
+            str(COMPOSE_FILE),
+            "-f",
+            str(REPO / "docker" / "compose.cpu.yaml"),
+            "--env-file",
+            str(empty_env_file),
+            "--profile",
+            "pipeline",
+            "--profile",
+            "ollama",
+            "config",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    cpu = json.loads(r.stdout)["services"]
+    assert cpu["ollama"]["network_mode"] == "host" and cpu["ollama"]["environment"]["OLLAMA_HOST"] == "127.0.0.1:11434"
+
+
+def test_the_think_api_audits_to_its_own_folders_with_its_secrets_as_files(config):
+    api = config["services"]["think-api"]
+    env, argv = api["environment"], argv_of(api)
+    assert "SO8T_API_KEY" not in env and env["SO8T_API_KEY_FILE"] == "/run/secrets/so8t_api_key"
+    assert env["SO8T_SECRET_FILE"] == "/run/secrets/so8t_secret"
+    assert {s["source"] for s in api["secrets"]} == {"so8t_secret", "so8t_api_key"}
+    audit_db, anchor = Path(opt(argv, "--audit-db")), Path(opt(argv, "--audit-anchor"))
+    mounts = {v["target"]: v for v in api["volumes"]}
+    assert audit_db.parent.as_posix() in mounts and anchor.parent.as_posix() in mounts
+    assert audit_db.parent != anchor.parent and mounts[audit_db.parent.as_posix()].get("read_only") is not True
+    for name, svc in config["services"].items():  # no other container sees the audit log or the anchor
+        if name != "think-api":
+            sources = {v.get("source") for v in svc.get("volumes", [])}
+            assert not sources & {
+                mounts[audit_db.parent.as_posix()]["source"],
+                mounts[anchor.parent.as_posix()]["source"],
+            }

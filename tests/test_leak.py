@@ -3,8 +3,11 @@
 Every thinking part carries unique marker tokens (ZQ + 6 hex digits) that appear nowhere else. Each base reply
 (both formats, all four labels, Japanese and English) is mutated: tags in other cases, with spaces, with Unicode
 look-alike brackets or letters, dropped, duplicated, swapped; headings varied; truncation at many points;
-nesting of one section in another; the thinking repeated after the final part (and inside it); chat-template
-tokens spliced in; and seeded random combinations of these. The parser (`shared.think_format.parse`) and the
+nesting of one section in another; the thinking repeated after the final part (and inside it), also disguised
+(zero-width spaces, word joiners, soft hyphens, a BOM, bidi controls, tag characters between its letters, Cyrillic
+look-alike letters, written backwards); chat-template tokens spliced in; and seeded random combinations of these.
+A marker counts as leaked when it is in the answer once folded (invisible characters dropped, look-alikes folded,
+case and whitespace ignored), forwards or backwards. The parser (`shared.think_format.parse`) and the
 API's gate (`services.think_api.gate.decide`) must never return a marker; the endpoint is checked on a sample.
 """
 
@@ -17,9 +20,24 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from services.think_api import gate
-from shared.think_format import LABELS, Thinking, parse, render_assistant, verdict_line
+from services.think_api.secret import ServerSecret
+from shared.think_format import LABELS, Thinking, fold, parse, render_assistant, verdict_line
 
 MARKER_RE = re.compile(r"ZQ[0-9A-F]{6}")
+_FOLDED_MARKER_RE = re.compile(r"zq[0-9a-f]{6}")
+SECRET = ServerSecret.ephemeral()
+
+
+def leaked(text: str | None) -> bool:
+    """A marker in `text`, plain or disguised (folded, whitespace dropped, forwards or backwards)."""
+    if not text:
+        return False
+    squashed = "".join(fold(text).split())
+    return bool(
+        MARKER_RE.search(text) or _FOLDED_MARKER_RE.search(squashed) or _FOLDED_MARKER_RE.search(squashed[::-1])
+    )
+
+
 FINALS = {"ja": "答えは 4 です。計算の基本です。", "en": "The answer is 4.\nThat is basic arithmetic."}
 LOOKALIKE_BRACKETS = [
     ("＜", "＞"),
@@ -238,6 +256,32 @@ def template_splices(reply: str, fmt: str, th: Thinking, final: str) -> list[str
     return out
 
 
+DISGUISES: dict[str, Callable[[str], str]] = {
+    "zero-width": lambda t: "\u200b".join(t),
+    "word-joiner": lambda t: "\u2060".join(t),
+    "soft-hyphen": lambda t: "\u00ad".join(t),
+    "bom": lambda t: "\ufeff".join(t),
+    "bidi": lambda t: "\u202d".join(t),
+    "tag-chars": lambda t: "\U000e0020".join(t),
+    "lookalike": lambda t: t.translate(str.maketrans({"A": "А", "C": "С", "E": "Е", **LOOKALIKE_LETTERS})),
+    "reversed": lambda t: t[::-1],
+    "reversed+zero-width": lambda t: "\u200b".join(t[::-1]),
+}
+
+
+def evasions(reply: str, fmt: str, th: Thinking, final: str) -> list[str]:
+    """The thinking (whole and by part) repeated in the final part, disguised by each of DISGUISES."""
+    out = []
+    for chunk in (th.text(), th.task, th.policy):
+        for disguise in DISGUISES.values():
+            hidden = disguise(chunk)
+            if fmt == "quadruple":
+                out += [reply.replace(f"{final}</final>", f"{final}\n{hidden}</final>"), reply + hidden]
+            else:
+                out += [reply + "\n" + hidden, reply.replace(f"\n{final}", f"\n{hidden}\n{final}")]
+    return out
+
+
 MUTATORS: dict[str, Callable] = {
     "tags": lambda r, f, th, fin, rng: mutate_tags(r, f),
     "headings": lambda r, f, th, fin, rng: mutate_headings(r, f),
@@ -245,6 +289,7 @@ MUTATORS: dict[str, Callable] = {
     "repeat": lambda r, f, th, fin, rng: repeats(r, f, th, fin),
     "nesting": lambda r, f, th, fin, rng: nestings(r, f, th, fin),
     "template": lambda r, f, th, fin, rng: template_splices(r, f, th, fin),
+    "evasion": lambda r, f, th, fin, rng: evasions(r, f, th, fin),
 }
 
 
@@ -276,11 +321,11 @@ def test_no_thinking_marker_ever_reaches_the_answer():
         p = parse(output)
         assert p.final is None or p.ok
         # The parser alone cannot tell a repeated sentence from an answer: the gate checks repeats (with the prompt).
-        if p.final is not None and MARKER_RE.search(p.final) and "repeat" not in family:
+        if p.final is not None and MARKER_RE.search(p.final) and not {"repeat", "evasion"} & set(family.split("+")):
             leaks.append(("parse", family, output))
-        d = gate.decide(output, prompt)
+        d = gate.decide(output, prompt, SECRET)
         outcomes[d.status] = outcomes.get(d.status, 0) + 1
-        if MARKER_RE.search(d.answer) or (d.reason and MARKER_RE.search(d.reason)):
+        if leaked(d.answer) or leaked(d.reason):
             leaks.append(("gate", family, output))
     families = sorted({f for f, _, _ in CASES})
     print(
@@ -298,14 +343,14 @@ def test_the_streaming_gate_never_releases_a_marker_and_adds_up_to_the_gate():
     outcomes: dict[str, int] = {}
     problems = []
     for family, prompt, output in CASES:
-        sg = gate.StreamGate(prompt)
+        sg = gate.StreamGate(prompt, SECRET)
         sent = "".join(sg.feed(ch) for ch in output)
         rest, d = sg.finish()
         sent += rest
-        whole = gate.decide(output, prompt)
+        whole = gate.decide(output, prompt, SECRET)
         key = "stopped early" if sg.failure is not None and len(sg.reply) < len(output) else d.status
         outcomes[key] = outcomes.get(key, 0) + 1
-        if MARKER_RE.search(sent) or (d.reason and MARKER_RE.search(d.reason)):
+        if leaked(sent) or leaked(d.reason):
             problems.append(("marker", family, output))
         if (d.status, d.label) != (whole.status, whole.label) or (whole.status != "withheld" and sent != whole.answer):
             problems.append(("differs", family, output))
@@ -316,10 +361,44 @@ def test_the_streaming_gate_never_releases_a_marker_and_adds_up_to_the_gate():
 
 def test_well_formed_replies_still_pass_the_gate():
     for fmt, label, th, final in base_replies(random.Random(7)):
-        d = gate.decide(render_assistant(th, final, fmt))
+        d = gate.decide(render_assistant(th, final, fmt), "", SECRET)
         expected = {"ALLOW": final, "DENY": final, "REFUSE": gate.REFUSAL, "ESCALATION": gate.HANDOFF}[label]
         assert (d.http_status, d.label, d.answer) == (200, label, expected)
-        assert d.thinking_sha256 == gate.sha256(th.text())
+        assert d.thinking_hmac == SECRET.digest(th.text())
+
+
+def test_every_evasion_family_is_withheld_whole_and_streamed():
+    """Each disguise of the thinking repeated in an ALLOW answer is withheld by decide() and by the streaming gate
+    (and by name: an evasion is only an evasion if the undisguised repeat would be caught too)."""
+    caught: dict[str, int] = {}
+    for fmt, label, th, final in base_replies(random.Random(5)):
+        if label != "ALLOW":
+            continue
+        reply = render_assistant(th, final, fmt)
+        for name, disguise in DISGUISES.items():
+            out = reply.replace(f"{final}</final>", f"{final}\n{disguise(th.policy)}</final>")
+            if fmt == "simple":
+                out = reply + "\n" + disguise(th.policy)
+            d = gate.decide(out, "", SECRET)
+            sg = gate.StreamGate("", SECRET)
+            sent = "".join(sg.feed(ch) for ch in out)
+            rest, sd = sg.finish()
+            assert (d.status, d.reason, sd.status) == (
+                "withheld",
+                "thinking text repeated in the final part",
+                "withheld",
+            )
+            assert not leaked(sent + rest), (name, sent)
+            caught[name] = caught.get(name, 0) + 1
+    assert set(caught) == set(DISGUISES) and min(caught.values()) == 4  # 2 formats x 2 languages
+
+
+def test_invisible_characters_are_stripped_from_an_answer():
+    th = Thinking(f"依頼は計算です。\n{verdict_line('ALLOW')}")
+    d = gate.decide(render_assistant(th, "答えは\u200b 4\u2060 です\U000e0041。", "simple"), "", SECRET)
+    assert (d.status, d.answer) == ("answered", "答えは 4 です。")
+    only_invisible = gate.decide(render_assistant(th, "\u200b\u2060", "simple"), "", SECRET)
+    assert only_invisible.status == "withheld"
 
 
 @pytest.fixture(scope="module")
@@ -334,7 +413,7 @@ def api(tmp_path_factory):
     sample = random.Random(99).sample(CASES, 300)
     replies = {f"case {i}<|end|>": out for i, (_, _, out) in enumerate(sample)}
     backend = FixedOutputBackend(lambda prompt: next(out for key, out in replies.items() if key in prompt))
-    audit = AuditLog(tmp_path_factory.mktemp("leak") / "audit.sqlite3")
+    audit = AuditLog(tmp_path_factory.mktemp("leak") / "audit.sqlite3", SECRET)
     with TestClient(create_app(backend, audit)) as client:
         yield client, sample
 
@@ -344,5 +423,5 @@ def test_endpoint_never_returns_a_marker(api):
     for i, (_, _, output) in enumerate(sample):
         r = client.post("/think", json={"prompt": f"case {i}"})
         assert r.status_code in (200, 502)
-        assert not MARKER_RE.search(r.text), (output, r.text)
+        assert not leaked(r.json().get("answer")) and not MARKER_RE.search(r.text), (output, r.text)
     print(f"\nendpoint leak test: {len(sample)} adversarial outputs through POST /think, no marker returned")

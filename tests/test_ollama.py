@@ -495,12 +495,12 @@ def test_think_api_ollama_backend_finds_the_server_through_ollama_host(standin, 
     (gen,) = standin.generates
     assert gen["raw"] is True and gen["prompt"] == build_prompt("2+2は？", "simple")
     assert gen["options"] == {"temperature": 0.0, "top_p": 0.9, "num_predict": 64, "stop": list(STOP_TOKENS), "seed": 7}
-    assert verify(tmp_path / "audit.sqlite3").rows == 1
+    assert verify(tmp_path / "audit.sqlite3", audit.secret).rows == 1
     standin.stop()
     with TestClient(create_app(backend, audit)) as client:
         r = client.post("/think", json={"prompt": "2+2は？"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"
-    assert verify(tmp_path / "audit.sqlite3").rows == 2
+    assert verify(tmp_path / "audit.sqlite3", audit.secret).rows == 2
 
 
 @pytest.mark.parametrize("form", [":{port}", "127.0.0.1:{port}", "http://127.0.0.1:{port}"])

@@ -31,12 +31,14 @@ from test_leak import CASES, MARKER_RE
 from services.think_api import gate
 from services.think_api.audit import rows, verify
 from services.think_api.backends import FixedOutputBackend
+from services.think_api.secret import ServerSecret
 from shared.think_format import Thinking, render_assistant, system_prompt, verdict_line
 
 pytestmark = pytest.mark.slow
 
 MODEL = "so8t-test:q4_k_m"
 KEY = "k-openai-1"
+SERVER_SECRET = ServerSecret.ephemeral()  # the in-process servers' (so8t serve makes its own)
 SECRET = "ZQ5EC4E7"  # a marker of the thinking (the corpus's form), for the replies written here
 CASE_RE = re.compile(r"<\|user\|>\ncase (\d+)<\|end\|>")
 
@@ -175,6 +177,7 @@ class Served:
         env = dict(
             os.environ, DATA_DIR=str(tmp / "data"), SO8T_API_KEY=KEY, OLLAMA_HOST=standin.start(), PYTHONUNBUFFERED="1"
         )
+        env["SO8T_SECRET_FILE"] = str(tmp / "config" / "server.secret")  # the server creates it
         self.log = open(tmp / "serve.log", "w+")
         self.proc = subprocess.Popen(
             [
@@ -352,7 +355,7 @@ def test_no_marker_of_the_thinking_ever_reaches_an_openai_client(served, ok):
     def one(i: int) -> list[str]:
         _, prompt, output = CASES[i]
         c = clients[i % len(clients)]
-        expected = gate.decide(output, prompt)
+        expected = gate.decide(output, prompt, ServerSecret.ephemeral())
         problems = []
         for stream in (False, True):
             content, received = _received(c, f"case {i}", stream)
@@ -367,12 +370,15 @@ def test_no_marker_of_the_thinking_ever_reaches_an_openai_client(served, ok):
     with ThreadPoolExecutor(len(clients)) as pool:
         problems = [p for ps in pool.map(one, range(len(CASES))) for p in ps]
     assert not problems, f"{len(problems)} problems, first: {problems[:3]}"
-    after = verify(served.db)
-    assert after.ok and after.rows - before == 2 * len(CASES)  # one row per request, streamed ones included
-    streamed = [r for r in rows(served.db)[before:] if r["stream"] == 1]
+    secret_file = served.tmp / "config" / "server.secret"
+    after = verify(served.db, ServerSecret.load(secret_file, create=False))
+    requests = [r for r in rows(served.db)[before:] if r["count"] is None]  # tally rows count refusals of a minute
+    assert after.ok and len(requests) == 2 * len(CASES)  # one row per request, streamed ones included
+    streamed = [r for r in requests if r["stream"] == 1]
     assert len(streamed) == len(CASES) and {r["endpoint"] for r in streamed} == {"/v1/chat/completions"}
     so8t = Path(sys.executable).with_name("so8t")
-    out = subprocess.run([str(so8t), "audit", "verify", "--db", str(served.db)], capture_output=True, text=True)
+    verify_argv = [str(so8t), "audit", "verify", "--db", str(served.db), "--secret-file", str(secret_file)]
+    out = subprocess.run(verify_argv, capture_output=True, text=True)
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
     print(
         f"\nopenai-client leak test: {len(CASES)} adversarial outputs, whole and streamed, through so8t serve: "
@@ -400,7 +406,8 @@ def test_a_stream_that_fails_a_check_ends_with_an_error_never_the_text(served, s
     assert sent and final.startswith(sent) and SECRET not in sent  # part of the answer, then the error
     row = rows(served.db)[-1]
     assert (row["status"], row["stream"], row["error"]) == ("withheld", 1, "thinking text repeated in the final part")
-    assert row["answer_sha256"] == gate.sha256(sent) and row["answer_chars"] == len(sent)
+    secret = ServerSecret.load(served.tmp / "config" / "server.secret", create=False)
+    assert row["answer_sha256"] == secret.digest(sent) and row["answer_chars"] == len(sent)
 
 
 @pytest.mark.parametrize(
@@ -495,7 +502,7 @@ def app_server(tmp_path):
 
     def start(backend, **settings):
         db = tmp_path / f"audit{len(stack._exit_callbacks)}.sqlite3"
-        app = create_app(backend, AuditLog(db), ServeSettings(**settings))
+        app = create_app(backend, AuditLog(db, SERVER_SECRET), ServeSettings(**settings))
         return stack.enter_context(serve_background(app)), db, app
 
     with stack:
@@ -657,7 +664,7 @@ def test_a_stream_that_cannot_be_audited_gives_no_more(app_server):
         local(url).chat.completions.create(model="fixed-output", messages=user("2+2は？"), stream=True)
     assert err.value.code == "audit_unavailable"
     assert httpx.get(f"{url}/healthz").status_code == 503
-    assert verify(db).rows == 0
+    assert verify(db, SERVER_SECRET).rows == 0
 
 
 def test_the_openapi_schema_describes_what_the_endpoints_send(app_server):

@@ -15,9 +15,11 @@ from services.think_api import gate
 from services.think_api.app import ServeSettings, build_prompt, create_app
 from services.think_api.audit import AuditLog, rows, verify
 from services.think_api.backends import BackendError, FixedOutputBackend
+from services.think_api.secret import ServerSecret
 from shared.think_format import FORMATS, Thinking, render_assistant, system_prompt, verdict_line
 
 SECRET = "SECRET-THINKING-7731"
+KEY = ServerSecret.ephemeral()  # the server secret: keys the thinking's digest and the audit chain
 
 
 def reply(label: str, fmt: str = "simple", final: str = "2+2は4です。") -> tuple[str, Thinking]:
@@ -33,7 +35,9 @@ def make(tmp_path):
     def _make(out, **settings):
         backend = out if isinstance(out, FixedOutputBackend) else FixedOutputBackend(out)
         db = tmp_path / f"audit{len(clients)}.sqlite3"
-        client = TestClient(create_app(backend, AuditLog(db), ServeSettings(**settings)), raise_server_exceptions=False)
+        client = TestClient(
+            create_app(backend, AuditLog(db, KEY), ServeSettings(**settings)), raise_server_exceptions=False
+        )
         clients.append(client)
         return client, backend, db
 
@@ -64,7 +68,7 @@ def test_label_gate_returns_only_what_the_label_allows(make, fmt, label, status,
         escalated,
         status,
     )
-    assert body["internal_reasoning_hash"] == gate.sha256(th.text())
+    assert body["internal_reasoning_hash"] == KEY.digest(th.text())
     assert body["request_id"] == r.headers["x-request-id"] and len(body["request_id"]) == 32
     assert SECRET not in r.text
     (row,) = rows(db)
@@ -72,9 +76,9 @@ def test_label_gate_returns_only_what_the_label_allows(make, fmt, label, status,
         status,
         label,
         200,
-        gate.sha256(th.text()),
+        KEY.digest(th.text()),
     )
-    assert row["answer_sha256"] == gate.sha256(answer) and row["output_sha256"] == gate.sha256(text)
+    assert row["answer_sha256"] == KEY.digest(answer) and row["output_sha256"] == KEY.digest(text)
 
 
 @pytest.mark.parametrize(
@@ -135,8 +139,9 @@ def test_api_key_guards_think_but_not_healthz(make):
         assert r.headers["www-authenticate"] == "Bearer"
     assert client.post("/think", json={"prompt": "2+2?"}, headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert client.post("/think", json={"prompt": "2+2?"}, headers={"X-API-Key": "s3cret"}).status_code == 200
-    statuses = [r["http_status"] for r in rows(db)]
-    assert statuses == [401, 401, 401, 401, 200, 200]  # refused requests are audited too
+    assert [r["http_status"] for r in rows(db)] == [200, 200]
+    client.app.state.audit.close()  # refused requests are audited too: counted, one row per minute and code
+    assert [(r["http_status"], r["count"]) for r in rows(db)] == [(200, None), (200, None), (401, 4)]
 
 
 @pytest.mark.parametrize(
@@ -184,7 +189,7 @@ def test_body_size_is_bounded_with_and_without_content_length(make):
     r = client.post("/think", content=chunks(), headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and backend.calls == []
     for bad in (b"{not json", b"[1, 2]", b"\xff\xfe"):
-        r = client.post("/think", content=bad)
+        r = client.post("/think", content=bad, headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
 
 
@@ -220,4 +225,4 @@ def test_an_answer_that_cannot_be_audited_is_not_given(make, tmp_path):
     r = client.post("/think", json={"prompt": "2+2?"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable"
     assert "2+2は4です" not in r.text
-    assert verify(db).rows == 0
+    assert verify(db, KEY).rows == 0

@@ -25,12 +25,14 @@ from services.think_api import gate
 from services.think_api.app import build_prompt, create_app, serve_background
 from services.think_api.audit import AuditLog, rows, verify
 from services.think_api.backends import GenRequest, LlamaCppBackend
+from services.think_api.secret import ServerSecret
 from shared.think_format import STOP_TOKENS, Thinking, parse, render_assistant, verdict_line
 from shared.tiny import teach
 
 pytestmark = pytest.mark.slow
 
 TRAINED_PROMPT = "2+2はいくつですか？"
+KEY = ServerSecret.ephemeral()  # the server secret: keys the thinking's digest and the audit chain
 THINKING = Thinking(
     "依頼の内容: 2+2 を計算する。",
     f"安全性の評価: 問題なし。\n{verdict_line('ALLOW')}",
@@ -117,7 +119,7 @@ def test_think_end_to_end_through_parse_gate_and_audit(backend, tmp_path):
     ) - len(prompt_ids)
     assert _gen(backend, TRAINED_PROMPT, n_upto).text == upto_answer.rstrip("\n") + "\n"
     thinking_pieces = ("依頼の内容", "安全性の評価", "判定", "適用する方針", "思考ステップ", "ALLOW\n")
-    with serve_background(create_app(backend, AuditLog(db))) as url, httpx.Client(base_url=url, timeout=60) as c:
+    with serve_background(create_app(backend, AuditLog(db, KEY))) as url, httpx.Client(base_url=url, timeout=60) as c:
         assert c.get("/healthz").json() == {
             "status": "ok",
             "backend": "llamacpp",
@@ -136,7 +138,7 @@ def test_think_end_to_end_through_parse_gate_and_audit(backend, tmp_path):
         False,
         "answered",
     )
-    assert body["internal_reasoning_hash"] == gate.sha256(THINKING.text())
+    assert body["internal_reasoning_hash"] == KEY.digest(THINKING.text())
     for r in (cut, empty):  # malformed real generations: a clear status, nothing of the thinking
         assert r.status_code == 502 and r.json()["status"] == "withheld" and r.json()["answer"] == gate.WITHHELD
     # whatever the model makes of a prompt it was not trained on, no thinking goes out
@@ -144,9 +146,9 @@ def test_think_end_to_end_through_parse_gate_and_audit(backend, tmp_path):
     for r in (ok, cut, empty, other):
         assert not any(piece in r.text for piece in thinking_pieces), r.text
     audit_rows = rows(db)
-    assert verify(db).ok and [r["status"] for r in audit_rows][:3] == ["answered", "withheld", "withheld"]
+    assert verify(db, KEY).ok and [r["status"] for r in audit_rows][:3] == ["answered", "withheld", "withheld"]
     first, second, third, _ = audit_rows
-    assert first["output_sha256"] == gate.sha256(reply)
+    assert first["output_sha256"] == KEY.digest(reply)
     assert first["completion_tokens"] > 20 and first["prompt_tokens"] == len(prompt_ids)
     assert second["completion_tokens"] == 12 and second["error"] == "no final-answer heading"
     assert third["completion_tokens"] == n_upto and third["error"] == "final part is empty"
@@ -172,6 +174,7 @@ def test_so8t_serve_process_with_api_key_from_env(think_gguf, tmp_path):
 
     port = free_port()
     env = dict(os.environ, DATA_DIR=str(tmp_path / "data"), SO8T_API_KEY="k-123", PYTHONUNBUFFERED="1")
+    env["SO8T_SECRET_FILE"] = str(tmp_path / "config" / "server.secret")  # created by the server
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -222,10 +225,13 @@ def test_so8t_serve_process_with_api_key_from_env(think_gguf, tmp_path):
         proc.terminate()
         out, _ = proc.communicate(timeout=20)
     db = tmp_path / "data" / "audit" / "think_audit.sqlite3"
-    assert verify(db).rows == 4 and "Traceback" not in out
-    assert [r["stream"] for r in rows(db)] == [0, 0, 0, 1]
+    secret = ServerSecret.load(tmp_path / "config" / "server.secret", create=False)
+    assert verify(db, secret).rows == 4 and "Traceback" not in out
+    # the 401 is counted in a tally row (written at shutdown), the three answers have a row each
+    assert [(r["stream"], r["count"]) for r in rows(db)] == [(0, None), (0, None), (1, None), (None, 1)]
     so8t = Path(sys.executable).with_name("so8t")
-    checked = subprocess.run([str(so8t), "audit", "verify", "--db", str(db)], capture_output=True, text=True)
+    argv = [str(so8t), "audit", "verify", "--db", str(db), "--secret-file", env["SO8T_SECRET_FILE"]]
+    checked = subprocess.run(argv, capture_output=True, text=True)
     assert checked.returncode == 0 and "OK, 4 rows" in checked.stdout, checked.stdout + checked.stderr
     assert (
         subprocess.run(
@@ -308,7 +314,7 @@ def test_openai_client_gets_what_think_answers_whole_and_token_by_token(backend,
     db = tmp_path / "audit.sqlite3"
     model = backend.model
     thinking_pieces = ("依頼の内容", "安全性の評価", "判定", "適用する方針", "思考ステップ", "ALLOW\n")
-    with serve_background(create_app(backend, AuditLog(db))) as url:
+    with serve_background(create_app(backend, AuditLog(db, KEY))) as url:
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         think = httpx.post(
             f"{url}/think", json={"prompt": TRAINED_PROMPT, "temperature": 0, "max_tokens": 128}, timeout=60
@@ -320,7 +326,7 @@ def test_openai_client_gets_what_think_answers_whole_and_token_by_token(backend,
             for stream in (False, True):  # malformed real generations, or whatever the model makes of them
                 received.append(_chat(c, model, prompt, stream, temperature=0, max_tokens=max_tokens)[1])
     assert think["answer"] == whole == streamed == FINAL
-    assert r.so8t["internal_reasoning_hash"] == think["internal_reasoning_hash"] == gate.sha256(THINKING.text())
+    assert r.so8t["internal_reasoning_hash"] == think["internal_reasoning_hash"] == KEY.digest(THINKING.text())
     pieces = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
     assert len(pieces) > 1 and pieces[0] == FINAL[: len(pieces[0])]  # the answer streamed as it was generated
     prompt_ids = backend._llm.tokenize(build_prompt(TRAINED_PROMPT, "simple").encode(), add_bos=False, special=True)
@@ -333,14 +339,12 @@ def test_openai_client_gets_what_think_answers_whole_and_token_by_token(backend,
     for text in received:
         assert not any(piece in text for piece in thinking_pieces), text
     audit_rows = rows(db)
-    assert verify(db).ok and len(audit_rows) == 9
+    assert verify(db, KEY).ok and len(audit_rows) == 9
     assert [(row["endpoint"], row["stream"]) for row in audit_rows[:3]] == [
         ("/think", 0),
         ("/v1/chat/completions", 0),
         ("/v1/chat/completions", 1),
     ]
     assert {row["completion_tokens"] for row in audit_rows[:3]} == {r.usage.completion_tokens}
-    assert {row["output_sha256"] for row in audit_rows[:3]} == {
-        gate.sha256(render_assistant(THINKING, FINAL, "simple"))
-    }
+    assert {row["output_sha256"] for row in audit_rows[:3]} == {KEY.digest(render_assistant(THINKING, FINAL, "simple"))}
     assert audit_rows[4]["status"] == "withheld" and audit_rows[6]["error"] == "no final-answer heading"

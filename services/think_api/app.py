@@ -22,21 +22,26 @@ import time
 from collections.abc import Iterator
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.think_api import think
+from services.think_api.admission import Admission
 from services.think_api.audit import AuditLog
 from services.think_api.backends import Backend
+from services.think_api.connections import ConnectionLimits, server_config
 from services.think_api.openai import routes as openai_routes
 from services.think_api.openai.models import ChatCompletionChunk, ChatCompletionRequest
 from services.think_api.prompts import build_prompt
+from services.think_api.replies import new_record
 from services.think_api.settings import ServeSettings
 from services.think_api.think import ThinkRequest, ThinkResponse
 from services.think_api.web import openapi
 from services.think_api.web.errors import ApiError, error_response
+from services.think_api.web.guard import Guard
 from shared import logs
 
 log = logs.get("think-api")
@@ -85,12 +90,34 @@ def create_app(backend: Backend, audit: AuditLog, settings: ServeSettings | None
         description=(__doc__ or "").split("\n\n")[0],
     )
     app.state.backend, app.state.audit, app.state.settings = backend, audit, s
+    # at most `parallel` generations (default: what the backend runs at once), `max_queue` waiting, then 429
+    app.state.admission = Admission(s.parallel or int(getattr(backend, "parallel", 1)), s.max_queue, s.retry_after_s)
     _error_handlers(app)
     _health_route(app, backend, audit)
     think.add_routes(app, backend, audit, s)
     openai_routes.add_routes(app, backend, audit, s)
     openapi.install(app, requests=[ThinkRequest, ChatCompletionRequest], extra=[ChatCompletionChunk])
+    _guard(app, backend, audit, s)
     return app
+
+
+def _guard(app: FastAPI, backend: Backend, audit: AuditLog, s: ServeSettings) -> None:
+    """The Host allow-list and JSON-only POSTs before any route (web/guard.py), refusals tallied; CORS only for the
+    configured origins."""
+
+    def refused(path: str, status: int, code: str) -> None:
+        row = new_record(backend, path)
+        row.status, row.error, row.http_status = "rejected", code, status
+        audit.tally(row)
+
+    app.add_middleware(Guard, allowed_hosts=s.allowed_hosts, refused=refused)
+    if s.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=s.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key"],
+        )
 
 
 def _error_handlers(app: FastAPI) -> None:
@@ -128,11 +155,14 @@ def _health_route(app: FastAPI, backend: Backend, audit: AuditLog) -> None:
 
 
 @contextlib.contextmanager
-def serve_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def serve_background(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 0, limits: ConnectionLimits | None = None
+) -> Iterator[str]:
     """Run `app` under uvicorn in a thread of this process (tests, benchmarks); yields its base URL."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    config = server_config(app, host, port, limits or ConnectionLimits(), log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

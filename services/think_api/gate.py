@@ -3,18 +3,26 @@
     REFUSE       -> a fixed refusal            ESCALATION -> a fixed hand-off message (escalated)
     ALLOW, DENY  -> the model's final part     malformed, no verdict, thinking repeated -> withheld (fixed text)
 
-The thinking is never returned; only its SHA-256 is (and goes to the audit log).
+The thinking is never returned; only its HMAC under the server secret is (secret.py: it links a response to its
+audit row). Every comparison runs on one normaliser (`shared.think_format.fold`: invisible characters dropped,
+NFKC, casefold, look-alike letters folded), so a repeat of the thinking disguised with zero-width spaces, word
+joiners, soft hyphens or Cyrillic letters, or written backwards, is still a repeat. What it cannot catch: the
+thinking paraphrased or translated; only the thinking *section* is guaranteed never to be returned.
+
+Invisible characters (format and default-ignorable code points) are stripped from every answer that leaves, not
+withheld: ordinary text carries them (emoji sequences, copied text), and stripped they can neither hide a payload
+(tag characters, bidi controls) nor disguise a repeat, which the check judges on the folded text anyway.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import unicodedata
+import re
 from dataclasses import dataclass
 from typing import Literal
 
-from shared.think_format import END, EOT, Label, parse
+from services.think_api.secret import ServerSecret
+from shared.think_format import END, EOT, Label, fold, parse, strip_invisible
 
 REFUSAL = "申し訳ありませんが、このご依頼にはお応えできません。\nI'm sorry, but I can't help with that request."
 HANDOFF = (
@@ -41,17 +49,16 @@ class Decision:
     answer: str
     label: Label | None
     escalated: bool
-    thinking_sha256: str | None
+    thinking_hmac: str | None  # HMAC-SHA256 of the thinking under the server secret, never its plain SHA-256
     reason: str | None = None  # why a reply was withheld (fixed texts from the parser, never model text)
     thinking_chars: int = 0
 
 
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _squash(text: str) -> str:
-    return "".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return "".join(fold(text).split())
 
 
 def _grams(text: str, window: int) -> set[str]:
@@ -60,35 +67,42 @@ def _grams(text: str, window: int) -> set[str]:
 
 @functools.lru_cache(maxsize=256)  # a stream checks one thinking against every longer prefix of its final part
 def _thinking_grams(thinking: str, prompt: str, window: int) -> frozenset[str]:
-    return frozenset(_grams(_squash(thinking), window) - _grams(_squash(prompt), window))
+    """The thinking's windows, forwards and backwards, less the prompt's (both folded)."""
+    squashed, asked = _squash(thinking), _grams(_squash(prompt), window)
+    return frozenset((_grams(squashed, window) | _grams(squashed[::-1], window)) - asked)
 
 
 def repeats_thinking(thinking: str, final: str, prompt: str = "", window: int = REPEAT_WINDOW) -> bool:
-    """True if `final` holds `window` consecutive characters of `thinking` that are not from `prompt`."""
+    """True if `final` holds `window` consecutive characters of `thinking`, forwards or backwards, that are not from
+    `prompt` (all folded: invisible characters, width, case and look-alikes do not count)."""
     return not _thinking_grams(thinking, prompt, window).isdisjoint(_grams(_squash(final), window))
 
 
-def _withheld(reason: str, thinking: str | None = None) -> Decision:
-    digest, n = (sha256(thinking), len(thinking)) if thinking is not None else (None, 0)
+def _withheld(reason: str, secret: ServerSecret, thinking: str | None = None) -> Decision:
+    digest, n = (secret.digest(thinking), len(thinking)) if thinking is not None else (None, 0)
     return Decision("withheld", 502, WITHHELD, None, False, digest, reason, n)
 
 
-def decide(reply: str, prompt: str = "") -> Decision:
-    """Gate one raw model reply to `prompt`. Total: every input gives a Decision, and none carries thinking text."""
+def decide(reply: str, prompt: str, secret: ServerSecret) -> Decision:
+    """Gate one raw model reply to `prompt`. Total: every input gives a Decision, and none carries thinking text;
+    the thinking's digest is keyed with `secret`."""
     p = parse(reply)
     if not p.ok or p.thinking is None or p.final is None:
-        return _withheld(p.error or "reply did not parse")
+        return _withheld(p.error or "reply did not parse", secret)
     if p.label is None:
-        return _withheld("no verdict line (判定/Verdict) in the thinking", p.thinking)
-    digest, n = sha256(p.thinking), len(p.thinking)
+        return _withheld("no verdict line (判定/Verdict) in the thinking", secret, p.thinking)
+    digest, n = secret.digest(p.thinking), len(p.thinking)
     if p.label == "REFUSE":
         return Decision("refused", 200, REFUSAL, "REFUSE", False, digest, thinking_chars=n)
     if p.label == "ESCALATION":
         return Decision("escalated", 200, HANDOFF, "ESCALATION", True, digest, thinking_chars=n)
     if repeats_thinking(p.thinking, p.final, prompt):
-        return _withheld("thinking text repeated in the final part", p.thinking)
+        return _withheld("thinking text repeated in the final part", secret, p.thinking)
+    answer = _LONE_SURROGATE.sub("\ufffd", strip_invisible(p.final))  # a lone surrogate cannot be sent as UTF-8
+    if not answer.strip():
+        return _withheld("final part is only invisible characters", secret, p.thinking)
     return Decision(
-        "answered" if p.label == "ALLOW" else "denied", 200, p.final, p.label, False, digest, thinking_chars=n
+        "answered" if p.label == "ALLOW" else "denied", 200, answer, p.label, False, digest, thinking_chars=n
     )
 
 
@@ -100,6 +114,13 @@ def decide(reply: str, prompt: str = "") -> Decision:
 STREAM_HOLD = 20
 _CLOSE_FINAL = "</final>"  # closes a quadruple final part that is still being written
 SENDABLE = ("answered", "denied")  # the statuses whose text is the model's own final part
+# A stream judges its reply so far (decide(), linear in its length) at a new piece only while the characters judged
+# over the whole stream stay within JUDGE_PER_CHAR per character of the reply plus JUDGE_BASE: a short reply is judged
+# at every piece, a long one every 1/JUDGE_PER_CHAR of its length, and a whole stream costs linear time (judging
+# every piece was quadratic: 25 s of CPU for an 8000-character reply in 4-character pieces). Text is only released
+# by a judgement, so none leaves unjudged; finish() judges the whole reply.
+JUDGE_PER_CHAR = 32
+JUDGE_BASE = 64 * 1024
 
 
 def _rescues(text: str) -> list[str]:
@@ -141,31 +162,32 @@ class StreamGate:
     more, end with an error); one that never passed is judged by finish(). REFUSE and ESCALATION release nothing
     before finish(), which gives their fixed text."""
 
-    def __init__(self, prompt: str = ""):
-        self.prompt = prompt
+    def __init__(self, prompt: str, secret: ServerSecret):
+        self.prompt, self.secret = prompt, secret
         self.reply = ""  # the raw model text so far
         self.sent = ""  # the answer text released so far
         self.failure: Decision | None = None
         self._passed: Decision | None = None  # the last decision on the reply so far that passed
         self._closer = ""
+        self._judged = 0  # characters judged so far (the sum of the reply's lengths at each judgement)
 
     def _passing(self, text: str) -> tuple[Decision, str] | None:
         """decide() on the reply so far, read as complete or (quadruple) with its final part closed: the first
         reading that passes and its closer, if one does."""
         for closer in ("", _CLOSE_FINAL):
-            d = decide(text + closer, self.prompt)
+            d = decide(text + closer, self.prompt, self.secret)
             if d.status != "withheld":
                 return d, closer
         return None
 
     def _fail(self) -> None:
         """Fail for good, for the reason decide() gives in the reading that passed last."""
-        reason = decide(self.reply + self._closer, self.prompt).reason or "reply did not parse"
+        reason = decide(self.reply + self._closer, self.prompt, self.secret).reason or "reply did not parse"
         last = self._passed
         self.failure = (
-            _withheld(reason)
+            _withheld(reason, self.secret)
             if last is None
-            else Decision("withheld", 502, WITHHELD, None, False, last.thinking_sha256, reason, last.thinking_chars)
+            else Decision("withheld", 502, WITHHELD, None, False, last.thinking_hmac, reason, last.thinking_chars)
         )
 
     def _release(self, cleared: str) -> str:
@@ -173,7 +195,7 @@ class StreamGate:
             new, self.sent = cleared[len(self.sent) :], cleared
             return new
         if not self.sent.startswith(cleared):  # cannot happen while decide() is consistent: fail closed anyway
-            self.failure = _withheld("the answer changed after part of it was sent")
+            self.failure = _withheld("the answer changed after part of it was sent", self.secret)
         return ""
 
     def feed(self, delta: str) -> str:
@@ -181,6 +203,9 @@ class StreamGate:
         if self.failure is not None or not delta:
             return ""
         self.reply += delta
+        if self._judged + len(self.reply) > JUDGE_PER_CHAR * len(self.reply) + JUDGE_BASE:
+            return ""  # judged at a later piece, within the budget
+        self._judged += len(self.reply)
         passing = self._passing(self.reply)
         if passing is None:
             if self._passed is not None and all(self._passing(self.reply + r) is None for r in _rescues(self.reply)):
@@ -194,13 +219,13 @@ class StreamGate:
         """The reply is complete: (the answer text not sent yet, the decision on the whole reply)."""
         if self.failure is not None:
             return "", self.failure
-        d = decide(self.reply, self.prompt)
+        d = decide(self.reply, self.prompt, self.secret)
         if d.status == "withheld":
             self.failure = d
             return "", d
         if d.status not in SENDABLE:
             if self.sent:  # cannot happen: a label's fixed text is never released early
-                self.failure = _withheld("the label changed after part of the answer was sent")
+                self.failure = _withheld("the label changed after part of the answer was sent", self.secret)
                 return "", self.failure
             self.sent = d.answer
             return d.answer, d

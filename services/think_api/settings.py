@@ -18,10 +18,11 @@ from shared.think_format import Format, has_template_token
 class ServeOptions(StrictModel):
     """What `so8t serve` starts: the backend and its model, where it listens, where it audits."""
 
-    backend: Literal["ollama", "llamacpp"] = Field(
-        description="ollama: an Ollama server ($OLLAMA_HOST); llamacpp: run a GGUF in this process"
+    backend: Literal["ollama", "llamacpp", "openai"] = Field(
+        description="ollama: an Ollama server ($OLLAMA_HOST); llamacpp: run a GGUF in this process; openai: an "
+        "OpenAI-compatible engine's /v1/completions (llama-server, vLLM, SGLang) at --upstream"
     )
-    model: str = Field(description="Ollama model name:tag, or the GGUF file for llamacpp")
+    model: str = Field(description="Ollama model name:tag, the GGUF file for llamacpp, the engine's model for openai")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port")
     audit_db: Path | None = Field(None, description="audit database (default $DATA_DIR/audit/think_audit.sqlite3)")
@@ -30,7 +31,41 @@ class ServeOptions(StrictModel):
     timeout: float = Field(
         600.0,
         gt=0,
-        description="ollama: seconds allowed for each wait on the server (a whole reply, one streamed part)",
+        description="ollama, openai: seconds allowed for each wait on the server (a whole reply, one streamed part)",
+    )
+    replica: str | None = Field(
+        default=None,
+        description="this replica's name: its audit chain is $DATA_DIR/audit/think_audit-<replica>.sqlite3 "
+        "(default $SO8T_REPLICA; 'hostname': the host's name, e.g. a scaled container's)",
+    )
+    upstream: str | None = Field(
+        default=None, description="openai: the engine's base URL, ending in /v1 (e.g. http://127.0.0.1:8080/v1)"
+    )
+    upstream_key_file: Path | None = Field(
+        default=None, description="openai: a file holding the engine's API key (sent as Authorization: Bearer)"
+    )
+    idle_timeout_s: float = Field(default=5.0, gt=0, description="seconds an idle keep-alive connection stays open")
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="seconds a connection may take to send a request's headers"
+    )
+    max_connections: int = Field(
+        default=512, gt=0, description="open connections at most (one more closes the longest idle); < ulimit -n"
+    )
+    secret_file: Path | None = Field(
+        None,
+        description="the server secret (keys the thinking's hash and the audit chain; created 0600 when absent; "
+        "outside $DATA_DIR): default $SO8T_SECRET_FILE, else ~/.config/so8t/server.secret",
+    )
+    api_key_file: Path | None = Field(
+        None, description="a file holding the API key (a Docker secret); default $SO8T_API_KEY_FILE, else $SO8T_API_KEY"
+    )
+    audit_anchor: Path | None = Field(
+        None, description="where the audit chain's head is anchored (outside the audit db's directory; also stdout)"
+    )
+    anchor_every: int = Field(1, gt=0, description="anchor the audit head every this many rows")
+    anchor_interval_s: float = Field(10.0, gt=0, description="... or at the first row after this many seconds")
+    insecure_no_key: bool = Field(
+        False, description="allow listening on a non-loopback address without an API key (anyone may ask the model)"
     )
 
 
@@ -51,10 +86,48 @@ class ServeSettings(StrictModel):
         description="streams: seconds of silence (the model thinking) before a keep-alive comment",
         json_schema_extra={"flags": {"stream_keepalive_s": "keepalive"}},
     )
+    parallel: int | None = Field(
+        default=None, gt=0, description="generations at once (default: what the backend runs in parallel; llamacpp 1)"
+    )
+    max_queue: int = Field(default=32, ge=0, description="requests waiting for a generation (beyond: 429 queue_full)")
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After (seconds) of a 429 queue_full")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="seconds a client may take to send its request body")
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host header names the server answers to ('*': any); default: localhost, 127.0.0.1, ::1 and the "
+        "address it listens on",
+    )
+    cors_origins: list[str] = Field(
+        [], description="origins a browser page may call the API from (CORS); none by default: CORS off"
+    )
 
 
 # the settings `so8t serve` takes as flags (the API key comes from the environment only)
-SERVE_FLAGS = ["format", "max_tokens_limit", "max_request_bytes", "max_prompt_chars", "stream_keepalive_s"]
+SERVE_FLAGS = [
+    "format",
+    "max_tokens_limit",
+    "max_request_bytes",
+    "max_prompt_chars",
+    "stream_keepalive_s",
+    "parallel",
+    "max_queue",
+    "retry_after_s",
+    "body_timeout_s",
+    "allowed_hosts",
+    "cors_origins",
+]
+
+
+def check_exposure(host: str, api_key: str | None, insecure_no_key: bool) -> None:
+    """A server on a non-loopback address answers whoever reaches it: it needs an API key, or to be told so."""
+    from services.think_api.web.guard import is_loopback
+    from shared.errors import InputError
+
+    if not api_key and not insecure_no_key and not is_loopback(host):
+        raise InputError(
+            f"--host {host} is not a loopback address and no API key is set: set $SO8T_API_KEY or "
+            "--api-key-file (or $SO8T_API_KEY_FILE), or pass --insecure-no-key to serve it open on purpose"
+        )
 
 
 def check_limits(prompt_chars: int, max_tokens: int | None, texts: list[str], s: ServeSettings) -> None:

@@ -16,11 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from services.think_api.audit import AuditLog, AuditRecord
 from services.think_api.backends import Backend
 from services.think_api.prompts import build_prompt
-from services.think_api.replies import audited, generate_gated, new_record
+from services.think_api.replies import audited, generate_gated, new_record, read_body_in_time
 from services.think_api.settings import ServeSettings, check_limits, sampling
 from services.think_api.web import openapi
 from services.think_api.web.errors import ErrorBody
-from services.think_api.web.input import check_key, read_body, validate_json
+from services.think_api.web.input import check_key, validate_json
 
 ENDPOINT = "/think"
 
@@ -57,7 +57,9 @@ class ThinkResponse(BaseModel):
     answer: str
     safety_label: str | None
     escalated: bool
-    internal_reasoning_hash: str | None  # SHA-256 of the thinking; null when the reply did not parse
+    # HMAC-SHA256 of the thinking under the server secret (links the response to its audit row); null when the reply
+    # did not parse
+    internal_reasoning_hash: str | None
     request_id: str
     status: str  # answered | denied | refused | escalated | withheld
     model: str
@@ -72,7 +74,7 @@ def _responses() -> dict[int | str, dict[str, Any]]:
             ThinkResponse,
             ErrorBody,
         ),
-        **openapi.error_responses(ErrorBody, 400, 401, 413, 422, 500, 503, 504),
+        **openapi.error_responses(ErrorBody, 400, 401, 413, 415, 422, 500, 503, 504),
     }
 
 
@@ -90,17 +92,17 @@ def add_routes(app: FastAPI, backend: Backend, audit: AuditLog, s: ServeSettings
 
 async def _reply(request: Request, row: AuditRecord, backend: Backend, s: ServeSettings) -> Response:
     check_key(request, s.api_key)
-    req = validate_json(await read_body(request, s.max_request_bytes), ThinkRequest)
+    req = validate_json(await read_body_in_time(request, s), ThinkRequest)
     row.prompt_chars = len(req.text)
     max_tokens = req.max_tokens or req.max_new_tokens
     check_limits(len(req.text), max_tokens, [req.text], s)
     gen_req = sampling(s, build_prompt(req.text, s.format), max_tokens, req.temperature, req.top_p, req.seed)
-    _, d = await generate_gated(backend, gen_req, req.text, row)
+    _, d = await generate_gated(request, backend, gen_req, req.text, row)
     body = ThinkResponse(
         answer=d.answer,
         safety_label=d.label,
         escalated=d.escalated,
-        internal_reasoning_hash=d.thinking_sha256,
+        internal_reasoning_hash=d.thinking_hmac,
         request_id=row.request_id,
         status=d.status,
         model=backend.model,

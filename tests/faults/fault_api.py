@@ -98,7 +98,8 @@ class Server:
 
         t0 = time.monotonic()
         argv = cli("services.think_api", "--backend", "ollama", "--model", MODEL, "--port", self.port)
-        argv += ["--audit-db", str(self.db), "--timeout", "30", "--keepalive", "5"]
+        argv += ["--audit-db", str(self.db), "--secret-file", str(secret_file(self.db))]
+        argv += ["--timeout", "30", "--keepalive", "5"]
         environ = env(OLLAMA_HOST=self.ollama_url)
         environ.pop("SO8T_API_KEY", None)
         with open(self.log, "ab") as out, open(os.devnull, "rb") as devnull:
@@ -236,11 +237,15 @@ def _client_loop(url: str, kinds: list[str], stop: threading.Event, out: list[Re
                 time.sleep(0.05)  # the server is down: do not spin
 
 
+def secret_file(db: Path) -> Path:
+    """The server secret of the server auditing to `db` (created by it on first start)."""
+    return db.parent / "secret" / "server.secret"
+
+
 def _verify(db: Path) -> subprocess.CompletedProcess:
-    """`so8t audit verify --db DB`, as its own process."""
-    return subprocess.run(
-        cli("services", "audit", "verify", "--db", db), cwd=REPO, env=env(), capture_output=True, text=True, timeout=300
-    )
+    """`so8t audit verify --db DB --secret-file F`, as its own process."""
+    argv = cli("services", "audit", "verify", "--db", db, "--secret-file", secret_file(db))
+    return subprocess.run(argv, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
 
 
 def kill_api_under_load(

@@ -42,6 +42,7 @@ class AuditRecord(BaseModel):
     error: Annotated[str | None, Column("TEXT")] = None  # an error code or the parser's fixed reason, never model text
     label: Annotated[str | None, Column("TEXT")] = None
     escalated: Annotated[bool, Column("INTEGER NOT NULL")] = False
+    # the digests are HMAC-SHA256 under the server secret (the columns keep their first names)
     thinking_sha256: Annotated[str | None, Column("TEXT")] = None
     answer_sha256: Annotated[str | None, Column("TEXT")] = None
     output_sha256: Annotated[str | None, Column("TEXT")] = None  # the raw model reply
@@ -55,6 +56,8 @@ class AuditRecord(BaseModel):
     backend_ms: Annotated[float | None, Column("REAL")] = None
     endpoint: Annotated[str | None, Column("TEXT", added=True)] = None  # /think | /v1/chat/completions
     stream: Annotated[bool | None, Column("INTEGER", added=True)] = None  # the answer went out as server-sent events
+    # a tally row: how many requests of one endpoint, status and code were refused in its minute (AuditLog.tally)
+    count: Annotated[int | None, Column("INTEGER", added=True)] = None
 
     _started: float = PrivateAttr(default_factory=time.perf_counter)
 

@@ -148,7 +148,10 @@ class So8tInfo(BaseModel):
     safety_label: str | None = Field(description="the model's four-class verdict: ALLOW, DENY, REFUSE, ESCALATION")
     escalated: bool
     status: Status
-    internal_reasoning_hash: str | None = Field(description="SHA-256 of the thinking, which never leaves the server")
+    internal_reasoning_hash: str | None = Field(
+        description="HMAC-SHA256 of the thinking under the server secret (links the response to its audit row); "
+        "the thinking never leaves the server"
+    )
     request_id: str
     detail: str | None = Field(None, description="why a reply was withheld")
 

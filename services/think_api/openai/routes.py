@@ -28,11 +28,11 @@ from services.think_api.openai.models import (
 )
 from services.think_api.openai.shapes import finish_reason, so8t_info, usage, withheld_body
 from services.think_api.prompts import render_turns
-from services.think_api.replies import audited, generate_gated, new_record
+from services.think_api.replies import audited, generate_gated, new_record, read_body_in_time
 from services.think_api.settings import ServeSettings, check_limits, sampling
 from services.think_api.web import openapi
 from services.think_api.web.errors import ApiError, api_error_response
-from services.think_api.web.input import check_key, read_body, validate_json
+from services.think_api.web.input import check_key, validate_json
 
 ENDPOINT = "/v1/chat/completions"
 OWNER = "so8t"
@@ -50,7 +50,7 @@ def _completion_responses() -> dict[int | str, dict[str, Any]]:
             "model": ChatErrorBody,
             "description": "the reply was withheld (code withheld, with so8t), or " + openapi.WHY[502],
         },
-        **openapi.error_responses(ChatErrorBody, 400, 401, 404, 413, 500, 503, 504),
+        **openapi.error_responses(ChatErrorBody, 400, 401, 404, 413, 415, 500, 503, 504),
     }
 
 
@@ -103,7 +103,7 @@ def _check_model(req: ChatCompletionRequest, backend: Backend) -> None:
 async def _reply(request: Request, row: AuditRecord, backend: Backend, audit: AuditLog, s: ServeSettings) -> Response:
     """The request read and bounded, then the whole answer, or a stream of it."""
     check_key(request, s.api_key)
-    req = validate_json(await read_body(request, s.max_request_bytes), ChatCompletionRequest)
+    req = validate_json(await read_body_in_time(request, s), ChatCompletionRequest)
     _check_model(req, backend)
     turns = [(m.turn_role, m.text) for m in req.messages]
     texts = [text for _, text in turns]
@@ -113,13 +113,15 @@ async def _reply(request: Request, row: AuditRecord, backend: Backend, audit: Au
     gate_prompt = "\n".join(texts)  # what the thinking may restate, and the answer too
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await stream.open_stream(backend, audit, s, gen_req, gate_prompt, row, include_usage)
-    return await _whole(backend, gen_req, gate_prompt, row)
+        return await stream.open_stream(request, backend, audit, s, gen_req, gate_prompt, row, include_usage)
+    return await _whole(request, backend, gen_req, gate_prompt, row)
 
 
-async def _whole(backend: Backend, gen_req: GenRequest, gate_prompt: str, row: AuditRecord) -> Response:
+async def _whole(
+    request: Request, backend: Backend, gen_req: GenRequest, gate_prompt: str, row: AuditRecord
+) -> Response:
     """`stream: false`: one ChatCompletion, or the withheld error."""
-    gen, d = await generate_gated(backend, gen_req, gate_prompt, row)
+    gen, d = await generate_gated(request, backend, gen_req, gate_prompt, row)
     if d.status == "withheld":
         return JSONResponse(withheld_body(d, row.request_id), status_code=502, headers={"x-should-retry": "false"})
     body = ChatCompletion(

@@ -14,7 +14,7 @@ def so8t_info(d: gate.Decision, request_id: str) -> So8tInfo:
         safety_label=d.label,
         escalated=d.escalated,
         status=d.status,
-        internal_reasoning_hash=d.thinking_sha256,
+        internal_reasoning_hash=d.thinking_hmac,
         request_id=request_id,
         detail=d.reason,
     )

@@ -22,15 +22,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
+from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Send
 
 from services.think_api import gate
+from services.think_api.admission import ClientGone
 from services.think_api.audit import AuditLog, AuditRecord
 from services.think_api.backends.protocol import Backend, BackendError, Generation, GenRequest
-from services.think_api.backends.pump import END, SILENCE, BackendPump
+from services.think_api.backends.pump import END, GONE, SILENCE, BackendPump
 from services.think_api.openai.models import (
     ChatCompletionChunk,
     ChatError,
@@ -40,7 +42,14 @@ from services.think_api.openai.models import (
     FinishReason,
 )
 from services.think_api.openai.shapes import finish_reason, so8t_info, usage
-from services.think_api.replies import backend_api_error, record_decision, record_sent, record_usage
+from services.think_api.replies import (
+    admission_of,
+    backend_api_error,
+    record_decision,
+    record_sent,
+    record_usage,
+    start_generation,
+)
 from services.think_api.settings import ServeSettings
 from services.think_api.web.errors import ApiError, openai_type
 from shared import logs
@@ -107,7 +116,7 @@ class _Stream:
         self, pump: BackendPump, audit: AuditLog, row: AuditRecord, gate_prompt: str, model: str, include_usage: bool
     ):
         self.pump, self.audit, self.row, self.include_usage = pump, audit, row, include_usage
-        self.gate = gate.StreamGate(gate_prompt)
+        self.gate = gate.StreamGate(gate_prompt, audit.secret)
         self.chunks = Chunks(row.request_id, model)
         self.audited = False
 
@@ -124,7 +133,7 @@ class _Stream:
         self.audited = True
         if self.row.backend_ms is None:
             self.row.backend_ms = self.row.elapsed_ms()
-        record_sent(self.row, self.gate.reply, self.gate.sent)
+        record_sent(self.row, self.gate.reply, self.gate.sent, self.audit.secret)
         try:
             with anyio.CancelScope(shield=True):  # also when the client has gone and this task is cancelled
                 await run_in_threadpool(self.audit.append, self.row.finish(200))
@@ -135,7 +144,7 @@ class _Stream:
 
     def record(self, d: gate.Decision, gen: Generation | None) -> None:
         """The decision on the reply and the backend's counts, into the row."""
-        record_decision(self.row, d, self.gate.reply, self.gate.sent)
+        record_decision(self.row, d, self.gate.reply, self.gate.sent, self.audit.secret)
         if gen is not None:
             record_usage(self.row, gen)
 
@@ -207,6 +216,7 @@ async def _events(pump: BackendPump, first: Any, st: _Stream, keepalive_s: float
 
 
 async def open_stream(
+    request: Request,
     backend: Backend,
     audit: AuditLog,
     s: ServeSettings,
@@ -215,14 +225,19 @@ async def open_stream(
     row: AuditRecord,
     include_usage: bool,
 ) -> Response:
-    """Start the backend; an error before its first token is a plain HTTP error, after it an error event."""
+    """Admit the request and start the backend; an error before its first token is a plain HTTP error, after it
+    an error event. A client that leaves before the first token stops the backend (or never reaches it)."""
     try:
         await run_in_threadpool(audit.check)
     except Exception as err:
         log.error("audit log not writable for request %s: %s", row.request_id, err)
         raise ApiError(503, "audit_unavailable", "the request could not be audited; no answer is given") from None
-    pump = BackendPump(backend, req)
-    first = await pump.get(s.stream_keepalive_s)
+    async with admission_of(request).watching(request) as watch:
+        pump = await start_generation(request, backend, req, watch)
+        first = await pump.get(s.stream_keepalive_s, watch.gone)
+    if first is GONE:
+        row.backend_ms = row.elapsed_ms()
+        raise ClientGone()
     if isinstance(first, BaseException):
         pump.stop()
         row.backend_ms = row.elapsed_ms()

@@ -12,6 +12,9 @@ from pydantic import BaseModel, ValidationError
 from services.think_api.web.errors import ApiError
 
 M = TypeVar("M", bound=BaseModel)
+MAX_DEPTH = 16  # arrays and objects inside one another: a chat request needs 5
+MAX_FIELDS = 5  # field errors reported (a union that fails reports one per branch: not all of them)
+MAX_MESSAGE = 160  # characters of one field error's message
 
 
 def check_key(request: Request, key: str | None) -> None:
@@ -40,17 +43,45 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(body)
 
 
+def _too_deep(raw: bytes, limit: int = MAX_DEPTH) -> bool:
+    """True if arrays and objects nest deeper than `limit` (brackets inside strings do not count); linear, and
+    before the parser, which would recurse once per level."""
+    depth, in_string, escaped = 0, False, False
+    for byte in raw:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
+def _field_errors(err: ValidationError) -> list[dict]:
+    """The first MAX_FIELDS errors, each message capped: an error body stays small whatever the request."""
+    return [
+        {"field": ".".join(str(p) for p in e["loc"])[:MAX_MESSAGE] or "<body>", "message": e["msg"][:MAX_MESSAGE]}
+        for e in err.errors(include_url=False, include_input=False)[:MAX_FIELDS]
+    ]
+
+
 def validate_json(raw: bytes, model: type[M]) -> M:
     """The body as `model`; errors name fields and rules, never echo the input back."""
+    if _too_deep(raw):
+        raise ApiError(400, "json_too_deep", f"the body nests arrays and objects over {MAX_DEPTH} levels deep")
     try:
         data: Any = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ApiError(400, "invalid_json", "the body must be a JSON object") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        fields = [{"field": ".".join(str(p) for p in e["loc"]) or "<body>", "message": e["msg"]} for e in err.errors()]
+        fields = _field_errors(err)
         first = f"{fields[0]['field']}: {fields[0]['message']}"
         raise ApiError(422, "invalid_request", f"the request does not validate ({first})", fields) from None

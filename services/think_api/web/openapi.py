@@ -23,10 +23,12 @@ def request_body(model: type[BaseModel]) -> dict[str, Any]:
 
 
 WHY = {
-    400: "invalid JSON, a field that does not validate or is not supported, a chat-template token in the prompt",
+    400: "invalid or too deeply nested JSON, a field that does not validate or is not supported, a chat-template "
+    "token in the prompt, a Host the server does not answer to",
     401: "missing or wrong API key",
     404: "not the model served here",
     413: "request body over the limit",
+    415: "the body is not JSON (Content-Type: application/json)",
     422: "a field that does not validate; the prompt or max_tokens over the limit",
     500: "internal error",
     502: "the backend failed (HTTP errors, a body that is not a generation)",
