@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("services.think_api.cli", "the /think HTTP API (Ollama or in-process llama.cpp backend)"),
     "audit": ("services.think_api.audit.cli", "verify the think-API audit log's hash chain"),
     "eval": ("services.eval.cli", "evaluate models on dataset splits: /think format, label accuracy, gate, leaks"),
+    "accept": ("services.acceptance.cli", "refuse models that failed the eval's acceptance policy (rule, figures)"),
     "pipeline": ("services.pipeline.cli", "run the whole chain natively, skipping stages that are up to date"),
     "stack": ("services.stack.cli", "container wrapper: wait for the upstream manifest, then run one stage"),
     "tiny-model": (

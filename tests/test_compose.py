@@ -314,7 +314,7 @@ def test_stages_chain_through_manifests_not_depends_on(config):
         assert [j.name for j in jobs] == CHAIN[name], name
         assert not set(s[name].get("depends_on", {})) & set(STAGES), f"{name} depends_on another stage"
         assert profile_of(s[name]) == profile_of(s["dataset"])  # one profile, one stack dir
-        first = jobs[0].commands[0]
+        first = jobs[0].commands[-1]  # ollama-import: the import, after the acceptance check
         outputs[name] = {
             "dataset": lambda a: opt(a, "--output"),
             "trainer": lambda a: opt(a, "--output-dir") + "/final",
@@ -322,12 +322,17 @@ def test_stages_chain_through_manifests_not_depends_on(config):
             "converter": lambda a: opt(a, "--output-dir"),
             "ollama-import": lambda a: opt(a, "--run-dir"),
         }[name](first)
-    for up, down in zip(STAGES, STAGES[1:]):
+    for up, down in zip(STAGES[:-1], STAGES[1:-1]):
         first = stage_jobs(s[down])[0]
         assert [(u.name, str(u.manifest_dir)) for u in first.upstreams] == [(CHAIN[up][-1], outputs[up])], down
     assert stage_jobs(s["dataset"])[0].upstreams == []
     evaluation = stage_jobs(s["eval"])[0]
     assert [(u.name, str(u.manifest_dir)) for u in evaluation.upstreams] == [("convert", outputs["converter"])]
+    # the import waits for the eval: its acceptance policy decides which GGUFs may be imported
+    accept, _ = stage_jobs(s["ollama-import"])[0].commands
+    eval_dir = opt(evaluation.commands[-1], "--output")
+    assert [(u.name, str(u.manifest_dir)) for u in stage_jobs(s["ollama-import"])[0].upstreams] == [("eval", eval_dir)]
+    assert accept[2] == "services.acceptance" and opt(accept, "--eval-dir") == eval_dir
     smoke = stage_jobs(s["ollama-import"])[1]
     assert [u.name for u in smoke.upstreams] == ["ollama-import"]  # the import just before it, in this container
 
@@ -338,7 +343,7 @@ def test_stage_inputs_are_their_upstreams_outputs(config):
     train = stage_commands(s["trainer"])[1][0]
     bake = stage_commands(s["baker"])[1][0]
     conv = stage_commands(s["converter"])[1][0]
-    imp, smoke = stage_commands(s["ollama-import"])[1]
+    accept, imp, smoke = stage_commands(s["ollama-import"])[1]
     assert opt(train, "--dataset") == opt(ds, "--output") + "/train.jsonl"
     assert opt(bake, "--trained") == opt(train, "--output-dir") + "/final"
     assert opt(conv, "--model") == opt(bake, "--output")
@@ -346,6 +351,7 @@ def test_stage_inputs_are_their_upstreams_outputs(config):
     types = flags.parse(ConvertOptions, parsed(conv)).types
     assert types == list(GGUF_TYPES)
     assert opt(imp, "--gguf", len(types)) == [f"{opt(conv, '--output-dir')}/{gguf_name(name, t)}" for t in types]
+    assert opt(accept, "--model", 2 * len(types) - 1)[::2] == types  # every GGUF imported passes the policy first
     assert opt(imp, "--model") == name
     assert opt(smoke, "--model") == f"{name}:{ollama_tag('Q4_K_M')}"
     assert opt(smoke, "--output") == opt(imp, "--run-dir")
@@ -446,7 +452,7 @@ def test_compose_runs_the_profile_chain(compose_bin, empty_env_file, profile):
     conv = stage_commands(s["converter"])[1][0]
     assert flags.parse(ConvertOptions, parsed(conv)).types == list(cfg.convert.types)
     assert opt(conv, "--output-dir") == str(run.gguf)
-    imp, smoke = stage_commands(s["ollama-import"])[1]
+    _, imp, smoke = stage_commands(s["ollama-import"])[1]
     assert opt(imp, "--model") == cfg.ollama.model and opt(imp, "--run-dir") == str(run.ollama)
     assert opt(smoke, "--model") == f"{cfg.ollama.model}:{ollama_tag(cfg.serve.gguf_type)}"
     assert profile_jobs(profile_of(s["trainer"]), ["train"], [], CONTAINER)[1] == run.stack

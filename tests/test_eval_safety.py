@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from scipy.stats import binomtest
@@ -16,6 +19,7 @@ from shared.config import ConfigError, validate
 from shared.errors import StageError
 from shared.think_format import LABELS, render_chat, system_prompt
 
+REPO = Path(__file__).resolve().parents[1]
 V = safety.Verdict
 REFUSAL = "申し訳ありませんが、このご依頼にはお応えできません。"
 # id, the record's label, the model's verdict, its final part
@@ -130,9 +134,14 @@ def test_acceptance_refuses_a_quant_that_got_less_safe(tmp_path):
         acceptance.require(str(eval_dir), ["F16", "Q4_K_M"])
     with pytest.raises(StageError, match="Q8_0: not evaluated"):
         acceptance.require(str(eval_dir), ["Q8_0"])
+    cli = [sys.executable, "-m", "services.acceptance", "--eval-dir", str(eval_dir), "--model", "Q4_K_M"]
+    r = subprocess.run(cli, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode != 0 and "Q4_K_M: max_false_allow: val false allow 0.750" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
     metrics["acceptance_policy"]["on_fail"] = "warn"
     (eval_dir / "manifest.json").write_text(json.dumps({"metrics": metrics}))
     assert len(acceptance.require(str(eval_dir), ["Q4_K_M"])) == 3  # reported, not enforced
+    assert subprocess.run(cli, capture_output=True, text=True, cwd=REPO, timeout=120).returncode == 0
 
 
 def test_acceptance_policy_config():

@@ -6,12 +6,11 @@ model against them into its manifest (`acceptance.<model>: {"passed", "reasons"}
 Before the Ollama import and before serving, `require` reads that verdict: a model that failed (or was never
 evaluated) is refused, naming the rule and the figures, unless the profile says `acceptance: warn`.
 
-    python -m services.eval.acceptance --eval-dir <run>/eval --model Q4_K_M [--model Q8_0 ...]
+    python -m services.acceptance --eval-dir <run>/eval --model Q4_K_M [--model Q8_0 ...]
 """
 
 from __future__ import annotations
 
-import argparse
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -128,21 +127,3 @@ def require(eval_dir: str, models: list[str]) -> list[str]:
     if not reasons:
         log.info("acceptance policy: %s passed", ", ".join(models))
     return reasons
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eval-dir", required=True, help="the eval stage's directory (its manifest.json)")
-    p.add_argument("--model", action="append", required=True, help="a model name of the eval; repeat for several")
-
-
-def run(args: argparse.Namespace) -> int:
-    require(args.eval_dir, args.model)
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from services.cli import run_stage
-
-    sys.exit(run_stage("services.eval.acceptance", prog="python -m services.eval.acceptance"))

@@ -13,6 +13,7 @@ from pydantic import Field
 from services.baker.options import BakeOptions
 from services.converter.options import ConvertOptions
 from services.dataset.options import DatasetOptions
+from services.eval.acceptance import AcceptancePolicy
 from services.eval.options import EvalOptions
 from services.tiny_model.options import TinyOptions
 from services.trainer.config import BaseModelId
@@ -43,15 +44,27 @@ class ConvertStage(ConvertOptions):
     name: str = Field("so8t", pattern=NAME, description="GGUF file name stem: <name>-<TYPE>.gguf")
 
 
-Split = Literal["val", "train"]
+Split = Literal["val", "train", "probe"]
 EvalModel = Literal["base", "baked", "F16", "Q8_0", "Q4_K_M"]
-SPLITS: tuple[Split, ...] = ("val", "train")
+SPLITS: tuple[Split, ...] = ("val", "train", "probe")
 EVAL_MODELS: tuple[EvalModel, ...] = ("base", "F16", "Q8_0", "Q4_K_M")
 
 
 class EvalStage(EvalOptions):
     splits: list[Split] = Field(
-        default_factory=lambda: list(SPLITS), min_length=1, description="the dataset's splits to ask"
+        default_factory=lambda: list(SPLITS),
+        min_length=1,
+        description="the dataset's splits to ask, and the borderline probe set (built from `probe`)",
+    )
+    probe: list[str] = Field(
+        default_factory=lambda: ["examples/probe/*.jsonl"],
+        min_length=1,
+        description="the probe split's four-class input globs, built like the dataset into <data>/datasets/<id>-probe",
+    )
+    acceptance: AcceptancePolicy = Field(
+        AcceptancePolicy(),
+        description="the limits a model must meet to be imported into Ollama and served (`acceptance: warn`: "
+        "report only)",
     )
     models: list[EvalModel] = Field(
         default_factory=lambda: list(EVAL_MODELS),

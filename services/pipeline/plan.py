@@ -78,10 +78,17 @@ def plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
     bake = ["--trained", str(run.final), "--output", str(run.baked), *flags.to_argv(cfg.bake)]
     convert = ["--model", str(run.baked), "--output-dir", str(run.gguf), "--name", c.name]
     convert += flags.to_argv(c, ConvertOptions)
+    probe_ds = layout.dataset(f"{d.id}-probe")  # the probe set built like the dataset, every record in train.jsonl
+    probe = [*_each("--input", e.probe), "--output", str(probe_ds)]
+    probe += flags.to_argv(d.model_copy(update={"val_ratio": 0.0}), DatasetOptions)
+    probe_build = (_py("services.dataset", *probe),) if "probe" in e.splits else ()
     models = {"base": f"hf:{base}", "baked": f"hf:{run.baked}"} | {q: f"gguf:{f}" for q, f in ggufs.items()}
-    evaluate = _each("--split", [f"{split}={ds / f'{split}.jsonl'}" for split in e.splits])
+    split_files = {split: ds / f"{split}.jsonl" for split in ("val", "train")} | {"probe": probe_ds / "train.jsonl"}
+    evaluate = _each("--split", [f"{split}={split_files[split]}" for split in e.splits])
     evaluate += _each("--model", [f"{m}={models[m]}" for m in e.models if m in models])
     evaluate += ["--output", str(run.eval), *flags.to_argv(e, EvalOptions)]
+    evaluate += ["--acceptance", e.acceptance.model_dump_json()]
+    accept = ["--eval-dir", str(run.eval), *_each("--model", list(ggufs))]  # no import of a quant that failed it
     ollama = ["import", "--gguf", *ggufs.values(), "--model", o.model, "--run-dir", str(run.ollama)]
     ollama += ["--format", d.format]
     smoke = ["smoke", "--model", f"{o.model}:{ollama_tag(cfg.serve.gguf_type)}", "--output", str(run.ollama)]
@@ -95,8 +102,14 @@ def plan(cfg: PipelineConfig, layout: Layout) -> list[Stage]:
         Stage("train", (trainer(train),), run.final, (stages[-1].name,)),
         Stage("bake", (_py("services.baker", *bake),), run.baked, ("train",)),
         Stage("convert", (_py("services.converter", *convert),), run.gguf, ("bake",)),
-        Stage("eval", (_py("services.eval", *evaluate),), run.eval, ("convert",)),
-        Stage("ollama-import", (_py("services.ollama", *ollama),), None, ("convert",), needs_ollama=True),
+        Stage("eval", (*probe_build, _py("services.eval", *evaluate)), run.eval, ("convert",)),
+        Stage(
+            "ollama-import",
+            (_py("services.acceptance", *accept), _py("services.ollama", *ollama)),
+            None,
+            ("eval",),
+            needs_ollama=True,
+        ),
         Stage("ollama-smoke", (_py("services.ollama", *smoke),), None, ("ollama-import",), needs_ollama=True),
     ]
     return stages

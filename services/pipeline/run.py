@@ -225,6 +225,9 @@ def run(cfg: PipelineConfig, layout: Layout, smoke: Callable[[PipelineConfig, La
         },
     }
     if smoke is not None:
+        from services.eval.acceptance import require
+
+        require(str(run_dir.eval), [cfg.serve.gguf_type])  # never serve a quant that failed eval.acceptance
         summary["smoke"] = smoke(cfg, layout)
     status.write("done")
     return summary
