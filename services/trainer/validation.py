@@ -37,7 +37,7 @@ class Validation:
 
     def samples(self) -> list[tuple[list[int], str | None]]:
         """(prompt ids, the reference answer's verdict) of the first `generate_records` records."""
-        out = []
+        out: list[tuple[list[int], str | None]] = []
         for ex in self.data.examples[: self.generate_records]:
             start = next(i for i, t in enumerate(ex.labels) if t != data.IGNORE)
             reference = self.tokenizer.decode([t for t in ex.labels if t != data.IGNORE], skip_special_tokens=False)
