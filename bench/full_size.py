@@ -16,7 +16,8 @@ what the table names:
   convert   F16, Q8_0, Q4_K_M, each checked against HF float32
   eval      the three GGUFs on a handful of val records
   serve     POST /think and POST /v1/chat/completions answered from the Q4_K_M (llama.cpp in-process)
-  twin      one seq-2048 8-bit forward + backward + step, reentrant vs non-reentrant checkpointing (bench/_fit.py)
+  twin      one seq-2048 8-bit forward + backward + step, reentrant vs non-reentrant checkpointing (bench/_fit.py),
+            on the real width with --twin-layers of the 32 layers (default 4): the extra memory per layer, x32
 
 Each stage runs its real CLI in a child process; the table gives wall time, peak RSS (the child's process tree,
 sampled every 0.2 s), artifact sizes and the checks' figures. Results are kept in <work>/results.json: a rerun does
@@ -138,7 +139,7 @@ class Rehearsal:
     def do_base(self) -> dict:
         import torch
         from bake_memory import base_tensors
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         from services.baker.weights import SafetensorsStream, TensorPlan, cut_into_shards, shard_names
         from shared import atomic
@@ -176,7 +177,7 @@ class Rehearsal:
             self.base / "generation_config.json",
             {"bos_token_id": 1, "eos_token_id": [32007, 32001, 32000], "pad_token_id": 32000},
         )
-        AutoTokenizer.from_pretrained(self.args.tokenizer).save_pretrained(self.base)
+        copy_tokenizer(self.args.tokenizer, self.base)
         row = {
             "ok": True,
             "seconds": round(time.time() - t0, 1),
@@ -290,6 +291,8 @@ class Rehearsal:
                 str(out),
                 "--dtype",
                 "bfloat16",
+                "--base",  # the cached base as given: a rehearsal's base may be re-made between its stages
+                str(self.base),
             ),
             self.log,
             env=self.env,
@@ -368,40 +371,81 @@ class Rehearsal:
         served = all(got.get(k) in (200, 502) for k in ("think_status", "chat_status"))
         return dict(r, ok=r["rc"] == 0 and served, **got)
 
+    def _slice(self, layers: int) -> Path:
+        """The cached base with only its first `layers` layers (a config change; the shards are linked, not copied)."""
+        out = CACHE / f"base-{layers}-layers"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        for f in self.base.iterdir():
+            if f.name != "config.json":
+                (out / f.name).symlink_to(f)
+        cfg = json.loads((self.base / "config.json").read_text())
+        cfg["num_hidden_layers"] = layers
+        (out / "config.json").write_text(json.dumps(cfg, indent=1))
+        return out
+
     def do_twin(self) -> dict:
+        """One seq-2048 8-bit step, reentrant vs non-reentrant, on the real width with --twin-layers layers (a full
+        32-layer 2048-token step takes ~40 min on 2 busy cores): the difference per layer, and x32."""
+        layers = self.args.twin_layers
+        model = self.base if layers >= 32 else self._slice(layers)
         rows = {}
         for mode in ("reentrant", "non-reentrant"):
             out = self.work / f"twin-{mode}.json"
-            r = run_child(
-                _py(
-                    str(REPO / "bench" / "_fit.py"),
-                    "--model",
-                    str(self.base),
-                    "--seq",
-                    "2048",
-                    "--quant",
-                    "8bit",
-                    "--r",
-                    "64",
-                    "--gates",
-                    "all",
-                    "--checkpointing",
-                    mode,
-                    "--json",
-                    str(out),
-                ),
-                self.log,
-                env=dict(self.env, CUDA_VISIBLE_DEVICES=""),
+            out.unlink(missing_ok=True)
+            cmd = _py(
+                str(REPO / "bench" / "_fit.py"),
+                "--model",
+                str(model),
+                "--seq",
+                "2048",
+                "--quant",
+                "8bit",
+                "--r",
+                "64",
+                "--gates",
+                "all",
+                "--checkpointing",
+                mode,
+                "--json",
+                str(out),
             )
+            r = run_child(cmd, self.log, env=dict(self.env, CUDA_VISIBLE_DEVICES=""))
             fit = json.loads(out.read_text()) if out.exists() and r["rc"] == 0 else {}
             rows[mode] = dict(
                 r, step_s=fit.get("step_s"), child_peak_rss_gib=round(fit.get("peak_rss_mib", 0) / 1024, 2)
             )
+        delta = rows["non-reentrant"]["child_peak_rss_gib"] - rows["reentrant"]["child_peak_rss_gib"]
         return {
             "ok": all(v["rc"] == 0 for v in rows.values()),
+            "layers": layers,
             **rows,
+            "extra_gib_per_layer": round(delta / layers, 3),
+            "extra_gib_32_layers": round(delta / layers * 32, 2),
             "seconds": round(sum(v["seconds"] for v in rows.values()), 1),
         }
+
+
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+def copy_tokenizer(source: str, base: Path) -> None:
+    """The tokenizer's files as released (a directory or the hub repo's): transformers' save_pretrained would drop
+    tokenizer.model, which the baker requires of a complete tokenizer."""
+    src = Path(source)
+    if not src.is_dir():
+        from huggingface_hub import snapshot_download
+
+        src = Path(snapshot_download(source, allow_patterns=list(TOKENIZER_FILES)))
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, base / name)
 
 
 def _tail(log: Path, n: int = 3) -> str:
@@ -453,9 +497,10 @@ def _describe(name: str, r: dict) -> tuple[str, str]:
         return "", f"/think {r.get('think_status')} {r.get('think_answer', '')[:60]!r}; /v1 {r.get('chat_status')}"
     if name == "twin":
         a, b = r.get("reentrant", {}), r.get("non-reentrant", {})
-        return "", (
+        return f"{r.get('layers')} of 32 layers", (
             f"seq 2048 8-bit step: reentrant peak RSS {a.get('child_peak_rss_gib')} GiB ({a.get('step_s')} s), "
-            f"non-reentrant {b.get('child_peak_rss_gib')} GiB ({b.get('step_s')} s)"
+            f"non-reentrant {b.get('child_peak_rss_gib')} GiB ({b.get('step_s')} s): "
+            f"+{r.get('extra_gib_per_layer')} GiB a layer, +{r.get('extra_gib_32_layers')} GiB for 32 layers"
         )
     return "", ""
 
@@ -465,7 +510,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", required=True, help="the real Phi-3.5 tokenizer: a directory or the hub id")
     ap.add_argument("--work", default=str(CACHE / "work"), help="where the run's data and results go")
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps of the training runs")
-    ap.add_argument("--eval-records", type=int, default=4)
+    ap.add_argument("--eval-records", type=int, default=2)
+    ap.add_argument("--twin-layers", type=int, default=4, help="layers of the reentrant/non-reentrant twin (32: all)")
     ap.add_argument("--only", nargs="+", choices=STAGES, default=None, help="run only these stages")
     ap.add_argument("--redo", nargs="+", choices=STAGES, default=[], help="run these again even when done")
     args = ap.parse_args()
