@@ -200,6 +200,9 @@ def _exercise(stack: Stack, failure: str, reference: dict) -> None:
         r = httpx.post(f"http://127.0.0.1:{stack.port}/think", json={"prompt": "2+2はいくつですか？"}, timeout=120)
         body = r.json()
         assert r.status_code in (200, 502) and "request_id" in body and "思考ステップ" not in json.dumps(body)
+        health = httpx.get(f"http://127.0.0.1:{stack.port}/healthz", timeout=30).json()
+        assert health["backend"] == "openai", health  # /think went through the llama-server service (compose.cpu)
+        assert "processing task" in stack.compose("logs", "llama-server").stdout  # the engine generated it
         log = stack.compose("logs", "trainer").stdout
         assert "resuming from checkpoint-" in log, log[-3000:]
         for d in (stack.run.final, stack.run.baked, stack.run.gguf, stack.run.eval):
