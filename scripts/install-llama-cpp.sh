@@ -65,7 +65,8 @@ if [ "$WANT_SERVER" != 0 ] && [ ! -x "$SERVER_DIR/llama-server" ]; then
   cmake -S "$VENDOR" -B "$SERVER_DIR.tmp/build" $SERVER_FLAGS >/dev/null
   cmake --build "$SERVER_DIR.tmp/build" --target llama-server -j"$(nproc)" >/dev/null
   install -m 755 "$SERVER_DIR.tmp/build/bin/llama-server" "$SERVER_DIR.tmp/llama-server"
-  rm -rf "$SERVER_DIR.tmp/build" && mv "$SERVER_DIR.tmp" "$SERVER_DIR"
+  rm -rf "$SERVER_DIR.tmp/build"
+  if [ -x "$SERVER_DIR/llama-server" ]; then rm -rf "$SERVER_DIR.tmp"; else rm -rf "$SERVER_DIR" && mv "$SERVER_DIR.tmp" "$SERVER_DIR"; fi
 fi
 
 echo ">> installing llama-cpp-python and llama.cpp's gguf-py into $PREFIX"
