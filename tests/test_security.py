@@ -270,3 +270,14 @@ def test_the_streaming_gate_is_linear_in_the_reply(monkeypatch):
         assert sent + sg.finish()[0] == final and len(sent) > n // 2  # it streamed, and adds up
         work[n] = sum(judged)
     assert work[8000] < 40 * 8000 + 128 * 1024 and work[8000] / work[2000] < 4, work  # quadratic: 16
+
+
+def test_the_tally_and_the_anchor_are_written_at_the_servers_shutdown(tmp_path):
+    """uvicorn re-raises SIGTERM after its graceful shutdown, so the app's shutdown writes them, not code after it."""
+    audit = AuditLog(tmp_path / "db" / "audit.sqlite3", anchor=tmp_path / "anchor" / "head")
+    with TestClient(create_app(FixedOutputBackend(""), audit, ServeSettings(api_key="k"))) as client:
+        assert client.post("/think", json={"prompt": "hi"}).status_code == 401
+        assert rows(audit.path) == []
+    ((row),) = rows(audit.path)  # the lifespan's shutdown ran: the tally row is there, and anchored
+    assert (row["error"], row["count"]) == ("unauthorized", 1)
+    assert json.loads((tmp_path / "anchor" / "head").read_text())["row_hash"] == row["row_hash"]

@@ -90,6 +90,7 @@ def create_app(backend: Backend, audit: AuditLog, settings: ServeSettings | None
         description=(__doc__ or "").split("\n\n")[0],
     )
     app.state.backend, app.state.audit, app.state.settings = backend, audit, s
+    app.router.add_event_handler("shutdown", audit.flush)  # the tally and the head anchor, before the process ends
     # at most `parallel` generations (default: what the backend runs at once), `max_queue` waiting, then 429
     app.state.admission = Admission(s.parallel or int(getattr(backend, "parallel", 1)), s.max_queue, s.retry_after_s)
     _error_handlers(app)

@@ -246,12 +246,17 @@ class AuditLog:
             self.anchor.appended(seq, h, rec["ts"])
         return {"seq": seq, **rec, "prev_hash": prev, "row_hash": h}
 
+    def flush(self) -> None:
+        """Write what was tallied and the head anchor now (the server's shutdown; uvicorn re-raises SIGTERM after
+        it, so code after the server returns may never run)."""
+        self._flush_tally(closing=True)
+        with self._lock:
+            self.anchor.write()
+
     def close(self) -> None:
-        """Write what was tallied and the head anchor, then close."""
+        """flush(), then close."""
         try:
-            self._flush_tally(closing=True)
-            with self._lock:
-                self.anchor.write()
+            self.flush()
         finally:
             with self._lock:
                 self._conn.close()
