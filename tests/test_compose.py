@@ -644,6 +644,14 @@ def test_ollama_is_never_on_a_public_interface(config, compose_bin, empty_env_fi
     assert r.returncode == 0, r.stderr
     cpu = json.loads(r.stdout)["services"]
     assert cpu["ollama"]["network_mode"] == "host" and cpu["ollama"]["environment"]["OLLAMA_HOST"] == "127.0.0.1:11434"
+    # the CPU stack's think API is loopback-only: no key, its secret made by the server in a folder of its own
+    api = cpu["think-api"]
+    assert opt(argv_of(api), "--host") == "127.0.0.1" and not api.get("secrets")
+    assert (
+        api["environment"]["SO8T_API_KEY_FILE"] == ""
+        and api["environment"]["SO8T_SECRET_FILE"] == "/secret/server.secret"
+    )
+    assert {v["target"] for v in api["volumes"]} == {"/data", "/audit", "/anchor", "/secret"}
 
 
 def test_the_think_api_audits_to_its_own_folders_with_its_secrets_as_files(config):
