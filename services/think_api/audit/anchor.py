@@ -67,6 +67,8 @@ class AnchorWriter:
 
     def __init__(self, path: Path | None, secret: ServerSecret, every: int = 1, interval_s: float = 10.0):
         self.path, self.secret, self.every, self.interval_s = path, secret, every, interval_s
+        if path is not None:  # at start, so a missing folder is an error now, not after a row was written
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._pending, self._written, self._printed = 0, time.monotonic(), 0.0
         self._head: tuple[int, str, str] | None = None
 
