@@ -185,10 +185,10 @@ def scale_tables(gguf: Path, per_client: int, work: Path) -> None:
     with llama_server(gguf, threads) as engine:
         rows += measure(f"(b) llama-server {SLOTS} slots, direct", engine, True, gguf.name, per_client)
         remote = OpenAICompatBackend(engine, gguf.name, parallel=SLOTS)
-        settings = ServeSettings(parallel=SLOTS, max_queue=8)
+        settings = ServeSettings(parallel=SLOTS, max_queue=16)  # every client of the table waits its turn
         with serve_background(create_app(remote, AuditLog(work / "audit-c.sqlite3"), settings)) as url:
             rows += measure("(c) API + (b), --backend openai", url, False, gguf.name, per_client)
-            health = healthz_overloaded(url, 32)
+            health = healthz_overloaded(url, 40)
     print_scale(rows, health)
 
 
@@ -210,6 +210,6 @@ def print_scale(rows: list[dict], health: tuple[float, int, int]) -> None:
         print(f"({len(ERRORS)} requests asked again after the server closed a keep-alive connection)")
     p99, ok, full = health
     print(
-        f"/healthz p99 with (c) overloaded (32 clients, {SLOTS} slots + 8 waiting): {p99:.1f} ms; "
+        f"/healthz p99 with (c) overloaded (40 clients, {SLOTS} slots + 16 waiting): {p99:.1f} ms; "
         f"{ok} answered, {full} 429"
     )
