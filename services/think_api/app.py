@@ -140,10 +140,25 @@ def _error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal_error", "internal error", openai=request.url.path.startswith("/v1/"))
 
 
+HEALTH_MAX_AGE_S = 1.0  # while requests wait for a generation, /healthz answers from a probe at most this old
+
+
 def _health_route(app: FastAPI, backend: Backend, audit: AuditLog) -> None:
+    last: list[tuple[float, tuple[bool, str]]] = []
+
+    async def probe() -> tuple[bool, str]:
+        """A fresh probe, except while the server is overloaded (requests waiting): then the last one of the past
+        second, so a probe never queues behind the audit writes and engine calls of a request storm."""
+        busy = app.state.admission.waiting > 0
+        if busy and last and time.monotonic() - last[0][0] < HEALTH_MAX_AGE_S:
+            return last[0][1]
+        result = await run_in_threadpool(_health, backend, audit)
+        last[:] = [(time.monotonic(), result)]
+        return result
+
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
     async def healthz() -> JSONResponse:
-        ok, detail = await run_in_threadpool(_health, backend, audit)
+        ok, detail = await probe()
         return JSONResponse(
             {
                 "status": "ok" if ok else "unavailable",
