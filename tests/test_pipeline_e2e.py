@@ -34,7 +34,7 @@ def _pipeline(data: Path, *extra: str, wait: bool = True):
         return subprocess.Popen(
             argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
         )
-    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
 
 
 def _manifest(path: Path) -> dict:
@@ -86,7 +86,12 @@ def test_chain_produces_every_artifact_with_its_figures(data, first_run):
     for name, m in models.items():
         for split, f in m["splits"].items():
             assert f["leaks"] == 0, (name, split)
-    assert (run / "eval" / "report.md").read_text().count("| Q4_K_M |") == 2  # the table has both splits
+    report = (run / "eval" / "report.md").read_text()
+    assert report.count("| Q4_K_M | probe |") == 3  # the figures', safety and paired tables have the probe split
+    _assert_safety_sections(figures)
+    history = train["metrics"]["validation"]["history"]  # replies during training: format and verdicts
+    assert train["metrics"]["validation"]["generate_records"] == 4 and all("format" in h for h in history)
+    assert history[-1]["format"] >= 0.5, history
 
     smoke = json.loads((run / "think_smoke.json").read_text())
     assert smoke["gguf"].endswith("so8t-tiny-Q4_K_M.gguf")
@@ -95,10 +100,34 @@ def test_chain_produces_every_artifact_with_its_figures(data, first_run):
     assert "思考ステップ" not in json.dumps(body, ensure_ascii=False) and body["internal_reasoning_hash"]
     out = first_run.stdout
     assert "pipeline done" in out and "/think" in out and "so8t-tiny-Q4_K_M.gguf" in out and "== eval" in out
+    assert "| false allow |" in out and "| vs F16 |" in out and "| acceptance |" in out  # the safety tables
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "done" and all(s["state"] in ("done", "skipped") for s in status["stages"].values())
     for stage in ("dataset", "tiny-model", "train", "bake", "convert", "eval"):
         assert (run / "logs" / f"{stage}.log").stat().st_size > 0
+
+
+def _assert_safety_sections(figures: dict) -> None:
+    """The eval as a safety gate: rates with intervals on every split (the probe's 106 records: 40 harmful, 46
+    harmless, 20 to escalate), label scores, every model paired against the F16, the acceptance verdicts."""
+    models = figures["models"]
+    assert models["Q4_K_M"]["splits"]["probe"]["records"] == 106
+    for name in models:
+        probe = figures["safety"][name]["probe"]
+        counts = {k: probe[k]["n"] for k in ("false_allow", "over_refusal", "escalation_recall")}
+        assert counts == {"false_allow": 40, "over_refusal": 46, "escalation_recall": 20}, (name, counts)
+        for split, f in figures["safety"][name].items():
+            for key in ("false_allow", "over_refusal", "escalation_recall"):
+                r = f[key]
+                assert r["n"] == 0 or r["ci95"][0] <= r["rate"] <= r["ci95"][1], (name, split, key, r)
+        scores = figures["label_scores"][name]["probe"]
+        assert scores["records"] == 106 and 0 <= scores["mean_total"] <= 1 + 1e-6, scores
+        assert set(figures["acceptance"][name]) == {"passed", "splits", "reasons"}
+    assert set(figures["paired"]) == {"base", "Q8_0", "Q4_K_M"}
+    q4 = figures["paired"]["Q4_K_M"]["train"]
+    assert sum(q4["table"].values()) == 24 and 0 <= q4["mcnemar_p"] <= 1
+    assert figures["acceptance_policy"]["on_fail"] == "warn"  # the tiny profile's `acceptance: warn`
+    assert not figures["acceptance"]["base"]["passed"]  # the base does not write the format
 
 
 def test_second_run_skips_every_stage(data, first_run):
