@@ -88,12 +88,15 @@ def admission_of(request: Request) -> Admission:
     return adm
 
 
-async def start_generation(request: Request, backend: Backend, req: GenRequest, watch: ClientWatch) -> BackendPump:
+async def start_generation(
+    request: Request, backend: Backend, req: GenRequest, watch: ClientWatch
+) -> tuple[BackendPump, float]:
     """Admitted (429 when the waiting room is full; ClientGone when the client leaves while waiting), the backend
-    started in a thread of its own, which gives the slot back when it ends."""
+    started in a thread of its own, which gives the slot back when it ends; and the moment it started."""
     admission = admission_of(request)
     await admission.enter(watch)
-    return BackendPump(backend, req, on_end=admission.leave_threadsafe)
+    t0 = time.perf_counter()
+    return BackendPump(backend, req, on_end=admission.leave_threadsafe), t0
 
 
 async def generate_gated(
@@ -102,8 +105,7 @@ async def generate_gated(
     """A whole reply from the backend (its stream, so a client that goes stops it at the next token), gated; the
     row gets every figure of it."""
     async with admission_of(request).watching(request) as watch:
-        pump = await start_generation(request, backend, req, watch)
-        t0 = time.perf_counter()
+        pump, t0 = await start_generation(request, backend, req, watch)
         try:
             gen = await pump.whole(watch.gone)
         except BackendError as err:

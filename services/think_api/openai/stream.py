@@ -233,7 +233,7 @@ async def open_stream(
         log.error("audit log not writable for request %s: %s", row.request_id, err)
         raise ApiError(503, "audit_unavailable", "the request could not be audited; no answer is given") from None
     async with admission_of(request).watching(request) as watch:
-        pump = await start_generation(request, backend, req, watch)
+        pump, _ = await start_generation(request, backend, req, watch)
         first = await pump.get(s.stream_keepalive_s, watch.gone)
     if first is GONE:
         row.backend_ms = row.elapsed_ms()
