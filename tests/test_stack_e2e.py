@@ -15,12 +15,9 @@ Needs root (dockerd, debootstrap) and Debian's packages; skipped, with the reaso
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -29,77 +26,16 @@ from safetensors.torch import load_file
 
 from services.pipeline.config import PipelineConfig
 from services.pipeline.plan import plan
-from services.pipeline.run import free_port
 from services.trainer import artifact
 from shared.config import load_config
 from shared.layout import Layout
 
+pytest.register_assert_rewrite("stack_fixtures")  # before its import here, as pytest_plugins would
+from stack_fixtures import PROFILE, REPO, UID, Stack, cpu_engine  # noqa: E402
+
+# the engine with the images (session-wide, shared with the deploy test), the data folder, the test order
+pytest_plugins = ["stack_fixtures"]
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
-REPO = Path(__file__).resolve().parents[1]
-PROFILE = REPO / "configs" / "pipeline" / "tiny.yaml"
-DOCKER = "/usr/bin/docker"
-UID = "1000"  # the stages run as a non-root user, as on a user's machine
-CHAIN_TIMEOUT = 1800
-
-
-def _compose_bin() -> str:
-    import compose
-
-    return str(Path(compose.__file__).parent / "docker-compose")
-
-
-@pytest.fixture(scope="module")
-def engine():
-    if os.geteuid() != 0:
-        pytest.skip("the stack test needs root (dockerd, debootstrap)")
-    # one stack test per machine at a time: it cuts the power of the engine it shares with any other run
-    state = Path(os.environ.get("SO8T_DOCKER_DIR", "/var/tmp/so8t-docker"))
-    state.mkdir(parents=True, exist_ok=True)
-    lock = open(state / "stack-test.lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pytest.skip(f"another stack test is using the engine in {state} (its lock: {lock.name})")
-    started = subprocess.run(
-        [str(REPO / "scripts" / "cpu-engine.sh"), "start"], capture_output=True, text=True, timeout=600
-    )
-    if started.returncode == 77:
-        pytest.skip(f"no Docker engine can run here: {started.stderr.strip()[-300:]}")
-    assert started.returncode == 0, started.stderr
-    env = dict(os.environ, **dict([started.stdout.strip().splitlines()[-1].split("=", 1)]))
-    t0 = time.time()
-    built = subprocess.run(
-        [str(REPO / "scripts" / "images-cpu.sh"), sys.executable],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=3600,
-        cwd=REPO,
-    )
-    if built.returncode == 77:
-        pytest.skip(f"images cannot be built here: {built.stderr.strip()[-300:]}")
-    assert built.returncode == 0, built.stderr[-4000:]
-    print(f"images: {time.time() - t0:.0f} s", file=sys.stderr)
-    _remove_projects(env)  # what an earlier, interrupted run left: containers whose restart policy brings them back
-    yield env
-    _remove_projects(env)
-    lock.close()
-
-
-PROJECTS = ("so8t-cut", "so8t-stop")
-
-
-def _remove_projects(env: dict[str, str]) -> None:
-    for project in PROJECTS:
-        ids = subprocess.run(
-            [DOCKER, "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout.split()
-        if ids:
-            subprocess.run([DOCKER, "rm", "-f", *ids], env=env, capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -122,70 +58,8 @@ def _tensors(final: Path) -> dict:
     return out
 
 
-class Stack:
-    """One compose project of the CPU stack on its own data folder."""
-
-    def __init__(self, name: str, data: Path, env: dict[str, str]):
-        self.name, self.data = name, data
-        self.port = free_port()
-        self.env = dict(
-            env,
-            DATA_DIR=str(data),
-            SO8T_UID=UID,
-            SO8T_GID=UID,
-            SO8T_PIPELINE_ID=f"{name}-{time.time():.0f}",
-            SO8T_WAIT_INTERVAL="2s",
-            THINK_API_PORT=str(self.port),
-            SO8T_PROFILE="tiny",
-        )
-        self.run = Layout(data).run(load_config(PipelineConfig, PROFILE).run_id)
-        data.mkdir(parents=True, exist_ok=True)
-        os.chown(data, int(UID), int(UID))
-
-    def compose(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = [
-            _compose_bin(),
-            "--project-directory",
-            str(REPO),
-            "-p",
-            self.name,
-            "-f",
-            "compose.yaml",
-            "-f",
-            "docker/compose.cpu.yaml",
-            "--profile",
-            "pipeline",
-            *args,
-        ]
-        r = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=600)
-        assert not check or r.returncode == 0, r.stderr[-3000:]
-        return r
-
-    def wait(self, what: str, done, timeout: float = CHAIN_TIMEOUT) -> None:
-        deadline = time.time() + timeout
-        while not done():
-            if time.time() > deadline:
-                logs = self.compose("logs", "--tail", "30", check=False).stdout[-6000:]
-                pytest.fail(f"{self.name}: {what} did not happen in {timeout:.0f} s\n{logs}")
-            time.sleep(2)
-
-    def checkpointed(self) -> bool:
-        return any((p / "checkpoint.json").is_file() for p in (self.run.train / "checkpoints").glob("checkpoint-*"))
-
-    def answers(self) -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=3).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def finished(self) -> bool:
-        return (self.run.eval / "manifest.json").is_file() and self.answers()
-
-
 def _engine(action: str, env: dict[str, str]) -> None:
-    r = subprocess.run(
-        [str(REPO / "scripts" / "cpu-engine.sh"), action], env=env, capture_output=True, text=True, timeout=600
-    )
+    r = cpu_engine(action, env)
     assert r.returncode == 0, r.stderr
 
 
@@ -219,8 +93,8 @@ def _exercise(stack: Stack, failure: str, reference: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("stack") / "data"
+def data(stack_data) -> Path:
+    return stack_data
 
 
 def test_power_cut_while_training(engine, reference, data):
