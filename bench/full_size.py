@@ -471,23 +471,31 @@ def table(results: dict[str, Any]) -> str:
 
 def _describe(name: str, r: dict) -> tuple[str, str]:
     if name == "base":
-        return f"{r.get('size_gib')} GiB bf16", f"{r.get('config')}"
+        c = r.get("config") or {}
+        return f"{r.get('size_gib')} GiB bf16", (
+            f"hidden {c.get('hidden_size')}, {c.get('num_hidden_layers')} layers, vocabulary {c.get('vocab_size')}, "
+            f"sliding window {c.get('sliding_window')}, {r.get('rope')}"
+        )
     if name == "dataset":
         return (
             f"{r.get('records')} train records",
             f"longest {r.get('longest_tokens')} tokens, mean {r.get('mean_tokens')}",
         )
     if name == "train":
+        losses = r.get("final_losses") or {}
+        same = r.get("resumed_equals_uninterrupted") or {}
         return (
             f"adapter+gates {r.get('adapter_gib')} GiB, checkpoint {r.get('checkpoint_gib')} GiB",
-            f"{r.get('steps')} steps, losses {r.get('final_losses')}; SIGKILL after checkpoint-1 and resume "
-            f"({r.get('resume_seconds')} s): equal to uninterrupted {r.get('resumed_equals_uninterrupted')}",
+            f"{r.get('steps')} steps, LM {losses.get('lm', 0):.3f}, PET {losses.get('pet', 0):.3g}, ortho "
+            f"{losses.get('ortho', 0):.1e}; SIGKILL after checkpoint-1, resumed in {r.get('resume_seconds')} s: "
+            f"adapter and gates {'bitwise equal' if same and all(same.values()) else 'DIFFERENT'} to the "
+            "uninterrupted run",
         )
     if name == "bake":
-        return (
-            f"{r.get('size_gib')} GiB bf16",
-            f"max|Δlogit| {r.get('max_abs_logit_diff')} (bf16 rounding alone "
-            f"{r.get('rounding_alone')}, unrotated {r.get('unrotated')}), top-1 {r.get('top1')}",
+        return f"{r.get('size_gib')} GiB bf16", (
+            f"max|Δlogit| {r.get('max_abs_logit_diff', 0):.3f} "
+            f"(bf16 rounding alone {r.get('rounding_alone') or 0:.3f}, "
+            f"the un-rotated merge {r.get('unrotated', 0):.2f}), top-1 {r.get('top1', 0):.1%}"
         )
     if name == "convert":
         return f"{r.get('sizes_gib')}", f"{r.get('checks')}"
