@@ -426,18 +426,11 @@ class Rehearsal:
         }
 
 
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-)
-
-
 def copy_tokenizer(source: str, base: Path) -> None:
-    """The tokenizer's files as released (a directory or the hub repo's): transformers' save_pretrained would drop
-    tokenizer.model, which the baker requires of a complete tokenizer."""
+    """The tokenizer's files as released, the baker's list of a complete tokenizer (a directory or the hub
+    repo's): transformers' save_pretrained would drop tokenizer.model."""
+    from services.baker.inputs import TOKENIZER_FILES
+
     src = Path(source)
     if not src.is_dir():
         from huggingface_hub import snapshot_download

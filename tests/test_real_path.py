@@ -168,10 +168,10 @@ def test_an_8bit_run_allowed_on_the_cpu_trains_with_a_readable_log(tmp_path, tin
 # --- 11: no rotation computed before an optimizer step is applied after it ------------------------------------------
 
 
-def test_no_rotation_outlives_an_optimizer_step_or_a_validation_pass(tmp_path, tiny_model_dir):
+def _run_with_validation(tmp_path, tiny_model_dir):
+    """A tiny training session (not started) with validation every step, in this process."""
     from services.trainer.config import TrainConfig
     from services.trainer.distributed import Dist
-    from services.trainer.gates import precompute_rotations
     from services.trainer.loop import Run
     from shared.config import load_config
 
@@ -182,7 +182,13 @@ def test_no_rotation_outlives_an_optimizer_step_or_a_validation_pass(tmp_path, t
         tiny_train_config(tmp_path / "t.yaml", train={"max_steps": 2, "eval_steps": 1}),
         {"model.base_model": str(tiny_model_dir)},
     )
-    run = Run(cfg, ds, tmp_path / "out", Dist(0, 1, 0, torch.device("cpu")), tmp_path / "val.jsonl")
+    return Run(cfg, ds, tmp_path / "out", Dist(0, 1, 0, torch.device("cpu")), tmp_path / "val.jsonl")
+
+
+def test_no_rotation_outlives_an_optimizer_step_or_a_validation_pass(tmp_path, tiny_model_dir):
+    from services.trainer.gates import precompute_rotations
+
+    run = _run_with_validation(tmp_path, tiny_model_dir)
     s = run.build()
     # bitsandbytes' optimizers write A through a raw pointer: A._version does not move, so a cached rotation of
     # the old A would be applied to the new one. Shown here with a write through .data:
@@ -201,19 +207,9 @@ def test_no_rotation_outlives_an_optimizer_step_or_a_validation_pass(tmp_path, t
 
 
 def test_validation_runs_under_the_training_autocast(tmp_path, tiny_model_dir):
-    from services.trainer.config import TrainConfig
-    from services.trainer.distributed import Dist
-    from services.trainer.loop import Precision, Run
-    from shared.config import load_config
+    from services.trainer.loop import Precision
 
-    ds = write_dataset(tmp_path / "train.jsonl")
-    write_dataset(tmp_path / "val.jsonl", sft_records(2))
-    cfg = load_config(
-        TrainConfig,
-        tiny_train_config(tmp_path / "t.yaml", train={"max_steps": 1, "eval_steps": 1}),
-        {"model.base_model": str(tiny_model_dir)},
-    )
-    run = Run(cfg, ds, tmp_path / "out", Dist(0, 1, 0, torch.device("cpu")), tmp_path / "val.jsonl")
+    run = _run_with_validation(tmp_path, tiny_model_dir)
     # what a bf16 CUDA run sets up, on the CPU's autocast
     run._setup_precision = lambda: Precision("cpu", torch.bfloat16, None)  # type: ignore[method-assign]
     s = run.build()
