@@ -4,6 +4,8 @@
 #   ./secrets/api_key         the API key clients send (Authorization: Bearer <key>)
 #   ./state/audit/            the audit log's folder (0700)
 #   ./state/anchor/           the audit head anchor's folder (0700), apart from the log
+#   ./state/secret/           the CPU stack's think API's own secret folder (0700)
+# all owned by SO8T_UID:SO8T_GID, the user the containers run as
 # Paths come from SO8T_SECRET_PATH, SO8T_API_KEY_PATH, SO8T_AUDIT_DIR, SO8T_ANCHOR_DIR (as in compose.yaml).
 set -euo pipefail
 umask 077
@@ -24,8 +26,16 @@ for f in "$secret" "$key"; do
     echo ">> created $f (0600)"
   fi
 done
-for d in "${SO8T_AUDIT_DIR:-./state/audit}" "${SO8T_ANCHOR_DIR:-./state/anchor}"; do
+# the CPU stack's think API makes its own secret in ${SO8T_SECRET_DIR:-./state/secret}
+for d in "${SO8T_AUDIT_DIR:-./state/audit}" "${SO8T_ANCHOR_DIR:-./state/anchor}" "${SO8T_SECRET_DIR:-./state/secret}"; do
   mkdir -p "$d"
   chmod 700 "$d"
 done
+# the containers run as SO8T_UID:SO8T_GID (the Makefile exports them): a root `make` hands them what they must read
+# and write, or the think API could not read its secret nor open its audit log (and would restart forever)
+owner="${SO8T_UID:-$(id -u)}:${SO8T_GID:-$(id -g)}"
+if [[ "$(id -u)" == 0 ]]; then
+  chown "$owner" "$secret" "$key" "${SO8T_AUDIT_DIR:-./state/audit}" "${SO8T_ANCHOR_DIR:-./state/anchor}" \
+    "${SO8T_SECRET_DIR:-./state/secret}"
+fi
 echo ">> API key for clients: $key (Authorization: Bearer \$(cat $key))"

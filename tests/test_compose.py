@@ -671,3 +671,29 @@ def test_the_think_api_audits_to_its_own_folders_with_its_secrets_as_files(confi
                 mounts[audit_db.parent.as_posix()]["source"],
                 mounts[anchor.parent.as_posix()]["source"],
             }
+
+
+def test_make_secrets_hands_the_containers_user_what_it_reads_and_writes(tmp_path):
+    """A root `make secrets` (the Makefile's SO8T_UID/SO8T_GID: the user the containers run as): the secret, the key
+    and the audit, anchor and CPU-secret folders belong to that user, or the think API (uid 1000 in the CPU stack)
+    cannot read its secret nor open its audit log and restarts forever. Files 0600, folders 0700."""
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    env = dict(os.environ, SO8T_UID="1000", SO8T_GID="1000", DOCKER_HOST="unix:///nonexistent.sock")
+    r = subprocess.run(
+        ["bash", str(REPO / "scripts" / "secrets.sh")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    made = [
+        tmp_path / p
+        for p in ("secrets/server.secret", "secrets/api_key", "state/audit", "state/anchor", "state/secret")
+    ]
+    assert all((p.stat().st_uid, p.stat().st_gid) == (1000, 1000) for p in made), [p.stat() for p in made]
+    assert {oct(p.stat().st_mode & 0o777) for p in made[:2]} == {"0o600"}
+    assert {oct(p.stat().st_mode & 0o777) for p in made[2:]} == {"0o700"}
+    assert len((tmp_path / "secrets/server.secret").read_text().strip()) == 64
