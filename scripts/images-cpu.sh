@@ -51,9 +51,9 @@ if ! ls .wheelhouse/wheels/torch-"$TORCH_VERSION"*.whl >/dev/null 2>&1; then
   "$PY" -m pip download -q --no-deps "torch==$TORCH_VERSION" -d .wheelhouse/wheels
 fi
 key="$(ls -d "$CACHE"/llama-cpp-python-* 2>/dev/null | head -n1 || true)"
-if [ -n "$key" ] && [ ! -d ".wheelhouse/so8t-cache/$(basename "$key")" ]; then
+if [ -n "$key" ]; then  # what the native cache has that the wheelhouse lacks (the server built later, say)
   echo ">> wheelhouse: llama.cpp from $key" >&2
-  mkdir -p .wheelhouse/so8t-cache && cp -a "$key" .wheelhouse/so8t-cache/
+  mkdir -p .wheelhouse/so8t-cache && cp -an "$key" .wheelhouse/so8t-cache/
 fi
 
 COMPOSE="$("$PY" -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))')"
