@@ -107,6 +107,22 @@ def remove_projects(env: dict[str, str]) -> None:
             subprocess.run([DOCKER, "rm", "-f", *ids], env=env, capture_output=True, timeout=120)
 
 
+def serving_env(root: Path) -> dict[str, str]:
+    """What the CPU stack's serving needs of a box beside its data: free loopback ports for llama-server and the think
+    API, and the think API's own folders (server secret, audit log, anchor), 0700 and the stages' user's, as
+    `make secrets` makes them (without them Docker creates ./state/* as root and the API cannot write its secret)."""
+    ports = {free_port()}
+    while len(ports) < 2:
+        ports.add(free_port())
+    out = dict(zip(("LLAMA_SERVER_PORT", "THINK_API_PORT"), map(str, ports), strict=True))
+    for key, name in (("SO8T_SECRET_DIR", "secret"), ("SO8T_AUDIT_DIR", "audit"), ("SO8T_ANCHOR_DIR", "anchor")):
+        d = root / name
+        d.mkdir(parents=True, mode=0o700, exist_ok=True)
+        os.chown(d, int(UID), int(UID))
+        out[key] = str(d)
+    return out
+
+
 @pytest.fixture(scope="session")
 def stack_data(tmp_path_factory) -> Path:
     """The data folder of the stack test's chain (a fresh one, then the same one with the run removed); at the end
@@ -119,7 +135,6 @@ class Stack:
 
     def __init__(self, name: str, data: Path, env: dict[str, str]):
         self.name, self.data = name, data
-        self.port = free_port()
         self.env = dict(
             env,
             DATA_DIR=str(data),
@@ -127,12 +142,13 @@ class Stack:
             SO8T_GID=UID,
             SO8T_PIPELINE_ID=f"{name}-{time.time():.0f}",
             SO8T_WAIT_INTERVAL="2s",
-            THINK_API_PORT=str(self.port),
             SO8T_PROFILE="tiny",
         )
         self.run = Layout(data).run(load_config(PipelineConfig, PROFILE).run_id)
         data.mkdir(parents=True, exist_ok=True)
         os.chown(data, int(UID), int(UID))
+        self.env.update(serving_env(data.parent / f"{name}-state"))
+        self.port = int(self.env["THINK_API_PORT"])
 
     def compose(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         files = [a for f in CPU_FILES.split(":") for a in ("-f", f)]

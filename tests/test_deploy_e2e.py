@@ -36,7 +36,7 @@ from services.pipeline.run import free_port
 from shared.layout import Layout
 
 pytest.register_assert_rewrite("stack_fixtures")  # before its import here, as pytest_plugins would
-from stack_fixtures import CHAIN_TIMEOUT, CPU_FILES, DOCKER, REPO, UID, compose_bin, cpu_engine  # noqa: E402
+from stack_fixtures import CHAIN_TIMEOUT, CPU_FILES, DOCKER, REPO, UID, compose_bin, cpu_engine, serving_env  # noqa: E402
 
 pytest_plugins = ["stack_fixtures"]
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
@@ -127,21 +127,6 @@ def _env(base: dict[str, str], tools: Path, docker_host: str, data: Path, **extr
         SO8T_GID=UID,
         **extra,
     )
-
-
-def _serving(root: Path) -> dict[str, str]:
-    """What the CPU stack's serving needs of a box beside its data: free loopback ports for llama-server and the think
-    API, and the think API's own folders (server secret, audit log, anchor), 0700 and the stages' user's."""
-    ports = {free_port()}
-    while len(ports) < 2:
-        ports.add(free_port())
-    out = dict(zip(("LLAMA_SERVER_PORT", "THINK_API_PORT"), map(str, ports), strict=True))
-    for key, name in (("SO8T_SECRET_DIR", "secret"), ("SO8T_AUDIT_DIR", "audit"), ("SO8T_ANCHOR_DIR", "anchor")):
-        d = root / name
-        d.mkdir(parents=True, mode=0o700, exist_ok=True)
-        os.chown(d, int(UID), int(UID))
-        out[key] = str(d)
-    return out
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -270,7 +255,7 @@ def a_data(engine, stack_data, tools) -> Path:
             stack_data,
             COMPOSE_PROJECT_NAME="so8t-deploy-a",
             SO8T_WAIT_INTERVAL="2s",
-            **_serving(stack_data.parent / "a-state"),
+            **serving_env(stack_data.parent / "a-state"),
         )
         try:
             r, seconds = _make("pipeline", "BUILD=0", env=env, timeout=CHAIN_TIMEOUT)
@@ -417,7 +402,7 @@ def test_up_through_ssh_serves_think_from_a_gguf(pulled, pushed, registry, box_b
     """DOCKER_HOST=ssh://root@127.0.0.1:<port> (box B): make up BUILD=0 serves /think from A's Q4_K_M GGUF; then
     B has built nothing: no build in its logs, no build cache, only the pulled images, A's image ids."""
     host, bin_dir = ssh_b
-    serving = _serving(tmp_path / "state")  # made on B beforehand: make secrets cannot reach a remote engine's disk
+    serving = serving_env(tmp_path / "state")  # made on B beforehand: make secrets cannot reach a remote engine's disk
     port = int(serving["THINK_API_PORT"])
     env = _env(dict(os.environ), bin_dir, host, b_data, REGISTRY=registry.name, **serving)
     assert _docker(env, "version", "--format", "{{.Server.Version}}").startswith("20.10")  # B, through ssh
