@@ -44,7 +44,7 @@ def rows(label: str, m: dict) -> list[str]:
         lg, o = rep["logits"], m["outputs"][qtype]
         dec = f"{lg['decisive_positions']}: {pct(lg['top1_decisive'])}" if lg["decisive_positions"] else "0: n/a"
         out.append(
-            f"| {label} | {qtype} | {o['bytes'] / 2**20:.2f} | {lg['max_abs']:.3g} | {rep['max_abs_bound']:.3g} "
+            f"| {label} | {qtype} | {o['bytes'] / 2**20:.2f} | {lg['max_abs']:.3g} | {rep['bounds']['max_abs']:.3g} "
             f"| {lg['mean_abs']:.3g} | {lg['kl_mean']:.3g} | {pct(lg['top1'])} | {pct(lg['top5'])} | {dec} "
             f"| {rep['produce_seconds']:.2f} | {rep['check_seconds']:.2f} |"
         )

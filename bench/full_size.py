@@ -330,7 +330,9 @@ class Rehearsal:
             return dict(r, ok=False, error=_tail(self.log))
         m = json.loads((out / "manifest.json").read_text())["metrics"]
         checks = {
-            q: f"max|Δ| {t['logits']['max_abs']:.3g} (bound {t['max_abs_bound']:.3g}), top-1 {t['logits']['top1']:.1%}"
+            q: f"weights {t['weights']['worst_rel_rms']:.2g}, max|Δ| {t['logits']['max_abs']:.3g} "
+            f"(bound {t['bounds']['max_abs']:.3g}), KL {t['logits']['kl_mean']:.3g} (own {t['noise']['kl_mean']:.3g}, "
+            f"bound {t['bounds']['kl_mean']:.3g}), top-1 {t['logits']['top1']:.1%}"
             for q, t in m["types"].items()
         }
         sizes = {p.name: round(p.stat().st_size / 2**30, 2) for p in sorted(out.glob("*.gguf"))}

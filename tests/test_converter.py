@@ -49,7 +49,7 @@ THREADS = min(4, os.cpu_count() or 1)
 # the issue's acceptance figures for the random-weight tiny model: max |logit diff| and mean KL vs HF float32
 ISSUE_MAX_ABS = {"F16": 5e-3, "Q8_0": 0.1, "Q4_K_M": 0.6}
 ISSUE_KL = {"F16": 1e-3, "Q8_0": 1e-2, "Q4_K_M": 0.1}
-IMPOSSIBLE = Thresholds(max_abs=1e-9, rel_max_abs=0, kl=1e-12)
+IMPOSSIBLE = Thresholds(max_abs=1e-9, rel_max_abs=0, kl=1e-12, weight_rel_rms=1e-12)
 
 
 def _needs_llama_cpp() -> None:
@@ -158,7 +158,7 @@ def test_logits_within_the_issue_figures(converted):
         lg = types[t]["logits"]
         assert lg["finite"] and lg["positions"] == positions
         assert lg["max_abs"] <= ISSUE_MAX_ABS[t], (t, lg)
-        assert lg["max_abs"] <= types[t]["max_abs_bound"]
+        assert lg["max_abs"] <= types[t]["bounds"]["max_abs"]
         assert lg["kl_mean"] <= ISSUE_KL[t], (t, lg)
         assert 0 <= lg["mean_abs"] <= lg["max_abs"]
         assert 0 <= lg["top1"] <= 1 and 0 <= lg["top5"] <= 1
@@ -248,7 +248,7 @@ def _corrupt(path: Path, tensor: str, value: float) -> None:
         fh.write(np.full(t.n_elements, value, dtype=np.float16).tobytes())
 
 
-def test_corrupted_tensor_fails_on_logits(tmp_path, converted, tiny_reference, tiny_model_dir):
+def test_corrupted_tensor_fails_on_weights_naming_it(tmp_path, converted, tiny_reference, tiny_model_dir):
     bad = tmp_path / "bad-F16.gguf"
     shutil.copy(gguf_files(converted)["F16"], bad)
     _corrupt(bad, "blk.0.attn_output.weight", 4.0)
@@ -256,12 +256,81 @@ def test_corrupted_tensor_fails_on_logits(tmp_path, converted, tiny_reference, t
     with pytest.raises(CheckFailed) as err:
         check_file(bad, "F16", tiny_reference, exp, _opts())
     e = err.value
-    assert e.qtype == "F16" and e.reasons and all("logit" in r or "KL" in r for r in e.reasons), e.reasons
-    assert any("max |logit diff|" in r or "non-finite" in r for r in e.reasons)
-    assert e.report["header"]["architecture"] == "phi3"  # the header was fine: the logits caught it
-    lg = e.report["logits"]
-    assert not lg["finite"] or lg["max_abs"] > 100 * converted.manifest["metrics"]["types"]["F16"]["logits"]["max_abs"]
+    assert e.qtype == "F16" and len(e.reasons) == 1, e.reasons
+    assert e.reasons[0].startswith("model.layers.0.self_attn.o_proj.weight: relative RMS error ")
+    assert e.report["header"]["architecture"] == "phi3"  # the header was fine: the weights caught it
+    w = e.report["weights"]
+    assert w["worst_tensor"] == "model.layers.0.self_attn.o_proj.weight" and w["worst_rel_rms"] > 10
+    assert "logits" not in e.report and "smoke" not in e.report  # llama.cpp never loaded it
+
+
+def _set_field(path: Path, key: str, value: float) -> None:
+    import gguf
+
+    f = gguf.GGUFReader(str(path), "r+").fields[key]
+    f.parts[f.data[0]][0] = value  # the value's own bytes, in place (a writable memmap)
+
+
+def test_wrong_rope_base_fails_on_logits_too(tmp_path, converted, tiny_reference, tiny_model_dir):
+    """Right weights, wrong rotary base, and a header check told to expect it: running the file still shows it."""
+    bad = tmp_path / "bad-F16.gguf"
+    shutil.copy(gguf_files(converted)["F16"], bad)
+    _set_field(bad, "phi3.rope.freq_base", 500.0)
+    exp = dataclasses.replace(header.Expected.from_model_dir(tiny_model_dir), rope_theta=500.0)
+    with pytest.raises(CheckFailed) as err:
+        check_file(bad, "F16", tiny_reference, exp, _opts())
+    e = err.value
+    good = converted.manifest["metrics"]["types"]["F16"]
+    assert e.report["weights"] == good["weights"]  # the tensors are the good file's
+    assert [r.split(" > ")[0].rsplit(" ", 1)[0] for r in e.reasons] == ["max |logit diff|"], e.reasons
+    assert e.report["logits"]["max_abs"] > 10 * good["logits"]["max_abs"]
     assert "smoke" not in e.report
+
+
+def test_a_file_llama_cpp_cannot_load_fails_its_check(tmp_path, converted, tiny_reference, tiny_model_dir):
+    bad = tmp_path / "bad-F16.gguf"
+    shutil.copy(gguf_files(converted)["F16"], bad)
+    _set_field(bad, "phi3.rope.dimension_count", 16)  # no check reads it; llama.cpp refuses the file
+    with pytest.raises(CheckFailed, match="llama.cpp cannot load it"):
+        check_file(bad, "F16", tiny_reference, header.Expected.from_model_dir(tiny_model_dir), _opts())
+
+
+def test_wrong_rope_base_or_norm_epsilon_fail_on_the_header(tmp_path, converted, tiny_reference, tiny_model_dir):
+    exp = header.Expected.from_model_dir(tiny_model_dir)
+    for key, value in (("phi3.rope.freq_base", 500.0), ("phi3.attention.layer_norm_rms_epsilon", 0.1)):
+        bad = tmp_path / f"{key}.gguf"
+        shutil.copy(gguf_files(converted)["F16"], bad)
+        _set_field(bad, key, value)
+        with pytest.raises(CheckFailed) as err:
+            check_file(bad, "F16", tiny_reference, exp, _opts())
+        want = exp.rope_theta if "rope" in key else exp.rms_norm_eps
+        assert err.value.reasons == [f"{key} is {value:g}, expected {want:g}"]
+
+
+def test_weights_and_own_rounding_figures(converted, tiny_reference):
+    """Every HF tensor is read back from each file, with the error its type's rounding makes, and the HF model
+    given those weights moves as much as llama.cpp does (so the noise term tracks the quantisation)."""
+    types = converted.manifest["metrics"]["types"]
+    w = {t: types[t]["weights"] for t in TYPES}
+    assert {x["tensors"] for x in w.values()} == {15}  # the tiny Phi-3's parameters, none missing
+    assert 0 < w["F16"]["worst_rel_rms"] < 1e-3 < w["Q8_0"]["worst_rel_rms"] < 0.02 < w["Q4_K_M"]["worst_rel_rms"]
+    assert w["Q4_K_M"]["worst_rel_rms"] < DEFAULT_THRESHOLDS["Q4_K_M"].weight_rel_rms
+    noise = {t: types[t]["noise"] for t in TYPES}
+    assert noise["F16"]["kl_mean"] < noise["Q8_0"]["kl_mean"] < noise["Q4_K_M"]["kl_mean"]
+    for t in ("Q8_0", "Q4_K_M"):  # the same order of size as llama.cpp's own difference from HF
+        assert 0.2 < noise[t]["kl_mean"] / types[t]["logits"]["kl_mean"] < 5, (t, noise[t], types[t]["logits"])
+
+
+def test_bounds_grow_with_depth_and_with_the_files_own_rounding():
+    t = Thresholds(max_abs=0.01, rel_max_abs=0.005, kl=1e-3, top1_decisive=1.0)
+    quiet = {"max_abs": 0.0, "kl_mean": 0.0, "top1_decisive": None}
+    assert t.bounds(1.0, 2, quiet, 4) == {"max_abs": 0.01, "kl_mean": 1e-3, "top1_decisive": 1.0}  # the floors
+    assert t.bounds(6.0, 2, quiet, 4)["max_abs"] == pytest.approx(0.03)  # 0.5% of the largest logit
+    assert t.bounds(6.0, 32, quiet, 4)["max_abs"] == pytest.approx(0.12)  # x sqrt(32 / 2)
+    loud = {"max_abs": 0.8, "kl_mean": 0.011, "top1_decisive": 0.5}  # a model that amplifies rounding
+    b = t.bounds(6.0, 32, loud, 4)
+    assert b == pytest.approx({"max_abs": 0.12 + 3.2, "kl_mean": 1e-3 + 0.044, "top1_decisive": 0.0})
+    assert t.bounds(6.0, 32, dict(loud, top1_decisive=0.95), 1)["top1_decisive"] == pytest.approx(0.95)
 
 
 def test_header_mismatch_fails_before_running(converted, tiny_reference, tiny_model_dir):
@@ -383,8 +452,8 @@ def test_failed_check_leaves_previous_outputs_untouched(tmp_path, converted, tin
     with pytest.raises(CheckFailed) as err:
         convert(tiny_model_dir, out, NAME, opts, force=True)
     assert err.value.qtype == "Q4_K_M"
-    assert any(r.startswith("max |logit diff|") for r in err.value.reasons)
-    assert any(r.startswith("mean KL") for r in err.value.reasons)
+    assert all("relative RMS error" in r for r in err.value.reasons[:5]), err.value.reasons
+    assert err.value.reasons[-1].startswith("... and ")  # every tensor fails: five named, the rest counted
     assert _snapshot(out) == before  # same names (no temp file left), inodes, mtimes and bytes
     assert manifest.read(out) == converted.manifest
 
@@ -403,7 +472,8 @@ def test_trained_model_top1_on_decisive_positions(trained_cli):
         lg, bound = types[t]["logits"], DEFAULT_THRESHOLDS[t]
         assert lg["decisive_positions"] >= positions // 2, (t, lg)
         assert lg["top1_decisive"] >= bound.top1_decisive
-        assert lg["max_abs"] <= types[t]["max_abs_bound"] == bound.max_abs_bound(lg["reference_max_abs"])
+        assert types[t]["bounds"] == bound.bounds(lg["reference_max_abs"], 2, types[t]["noise"], 4.0)
+        assert lg["max_abs"] <= bound.max_abs_bound(lg["reference_max_abs"])  # within the floors alone
         assert lg["kl_mean"] <= bound.kl
     assert types["F16"]["logits"]["top1_decisive"] == types["Q8_0"]["logits"]["top1_decisive"] == 1.0
     assert types["Q4_K_M"]["logits"]["top1_decisive"] >= 0.95
@@ -449,6 +519,27 @@ def test_bad_config_and_missing_dir(tmp_path, tiny_model_dir):
     with pytest.raises(ConvertError, match="model directory not found"):
         convert(tmp_path / "nowhere", tmp_path / "out", NAME)
     assert not (tmp_path / "out").exists()
+
+
+def test_too_little_disk_fails_at_once_naming_the_need(tmp_path, monkeypatch, converted, tiny_model_dir):
+    """llama.cpp on a full disk says only 'iostream error', minutes in: the stage refuses before any work."""
+    from services.converter import convert as convert_module
+
+    out = _copy_dir(converted.output, tmp_path / "out")
+    before = _snapshot(out)
+    f16 = sum(p.stat().st_size for p in Path(tiny_model_dir).glob("*.safetensors")) / 2  # float32 tiny: 2 bytes/value
+    usage = shutil.disk_usage(out)
+    monkeypatch.setattr(convert_module.shutil, "disk_usage", lambda _p: usage._replace(free=int(f16)))
+    monkeypatch.setattr(convert_module.reference, "compute", lambda *a, **k: pytest.fail("worked on a full disk"))
+    with pytest.raises(ConvertError, match=r"GiB free, the GGUFs need about .* GiB \(F16 0\.0, Q8_0 0\.0, Q4_K_M"):
+        convert(tiny_model_dir, out, NAME, _opts(), force=True)
+    assert _snapshot(out) == before
+    monkeypatch.setattr(convert_module.shutil, "disk_usage", lambda _p: usage._replace(free=int(1.5 * f16)))
+    with pytest.raises(ConvertError, match="GGUFs need"):
+        convert(tiny_model_dir, out, NAME, _opts(), force=True)  # F16 + Q8_0 + Q4_K_M > 1.8 x the F16
+    monkeypatch.setattr(convert_module.shutil, "disk_usage", lambda _p: usage._replace(free=int(1.1 * f16)))
+    with pytest.raises(pytest.fail.Exception, match="worked on a full disk"):
+        convert(tiny_model_dir, out, NAME, _opts(types=["F16"]), force=True)  # the F16 alone fits
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "../up", ".hidden", "two words", "tab\there", "ü"])

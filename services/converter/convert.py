@@ -10,19 +10,23 @@ A failure removes the staging directory and leaves the previous outputs and mani
 from __future__ import annotations
 
 import re
+import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from services.converter import compare, header, hf_to_gguf, llama, quantize, reference
+import numpy as np
+
+from services.converter import compare, header, hf_to_gguf, llama, quantize, reference, rounded
 from services.converter.hf_to_gguf import ConvertError
-from services.converter.options import ConvertOptions
+from services.converter.options import REFERENCE_LAYERS, ConvertOptions
 from shared import errors, logs, manifest, stage
 from shared.layout import GGUF_TYPES, gguf_name
 
 log = logs.get("convert")
 STAGE = "convert"
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: weights check and noise-widened logit bounds
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # the pipeline's convert.name pattern, no leading '.'
 
 __all__ = ["CheckFailed", "ConvertError", "ConvertOptions", "check_file", "convert", "gguf_files", "stage_config"]
@@ -48,6 +52,7 @@ def stage_config(name: str, opts: ConvertOptions) -> dict[str, Any]:
         "gguf_general_name": hf_to_gguf.gguf_model_name(name),
         **opts.model_dump(mode="json", exclude={"threads", "thresholds"}),
         "thresholds": {t: opts.threshold(t).model_dump() for t in opts.types},
+        "reference_layers": REFERENCE_LAYERS,
         "decisive_margin": compare.DECISIVE_MARGIN,
         "check_prompt_sha256": reference.prompt_digest(),
         "converter_version": CONVERTER_VERSION,
@@ -65,9 +70,18 @@ def check_file(
     problems = header.check_header(h, expected, qtype)
     if problems:
         raise CheckFailed(qtype, problems, report)
-    llm = llama.open_model(
-        path, n_ctx=max(opts.n_ctx, len(ref.text_ids), len(ref.prompt_ids) + opts.smoke_tokens), threads=opts.threads
-    )
+    limits = opts.threshold(qtype)
+    own = rounded.compute(path, ref, opts.threads)  # before llama.cpp loads the file: one model in memory at a time
+    report["weights"] = own.summary()
+    report["noise"] = compare.compare(ref.logits, own.logits)
+    problems = weight_problems(own, limits.weight_rel_rms)
+    if problems:
+        raise CheckFailed(qtype, problems, report)
+    n_ctx = max(opts.n_ctx, len(ref.text_ids), len(ref.prompt_ids) + opts.smoke_tokens)
+    try:
+        llm = llama.open_model(path, n_ctx=n_ctx, threads=opts.threads)
+    except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
+        raise CheckFailed(qtype, [f"llama.cpp cannot load it: {e} (its log above says why)"], report) from e
     try:
         ids = {
             "check": llama.tokenize(llm, reference.check_text()),
@@ -75,10 +89,10 @@ def check_file(
         }
         report["tokens"] = token_report(ref, ids["check"], ids["prompt"])
         got = llama.logits(llm, ref.text_ids)  # HF's ids on both sides: the logits compare the models alone
-        report["logits"] = compare.compare(ref.logits, got)
-        if report["logits"]["finite"]:
-            report["max_abs_bound"] = opts.threshold(qtype).max_abs_bound(report["logits"]["reference_max_abs"])
-        reasons = compare.failures(report["logits"], opts.threshold(qtype))
+        lg = report["logits"] = compare.compare(ref.logits, got)
+        if lg["finite"]:
+            report["bounds"] = limits.bounds(lg["reference_max_abs"], ref.layers, report["noise"], opts.noise_margin)
+        reasons = compare.failures(lg, report.get("bounds", {}))
         if not report["tokens"]["match"]:
             msg = (
                 f"tokenisation differs from HF at position {report['tokens']['first_difference']} "
@@ -101,6 +115,14 @@ def check_file(
         llm.close()
     report["check_seconds"] = round(time.time() - t0, 3)
     return report
+
+
+def weight_problems(own: rounded.Rounded, bound: float, show: int = 5) -> list[str]:
+    """Missing tensors, then those whose error exceeds `bound` (NaN included), worst first; at most `show` named."""
+    bad = [(e, n) for n, e in own.errors.items() if not e <= bound]
+    bad.sort(key=lambda en: -np.nan_to_num(en[0], nan=np.inf))
+    out = own.problems + [f"{n}: relative RMS error {e:.3g} against the HF weights > {bound:g}" for e, n in bad]
+    return out[:show] + ([f"... and {len(out) - show} more"] if len(out) > show else [])
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -140,8 +162,28 @@ def convert(
         raise ConvertError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (it becomes the file name)")
     hf_to_gguf.check_model_dir(model_dir)
     hf_to_gguf.converter_script()
+    check_space(model_dir, Path(output_dir), opts.types)
     spec = stage.Spec(STAGE, Path(output_dir), {"model": stage.verified_input(model_dir)}, stage_config(name, opts))
     return stage.run(spec, lambda tmp: _write(model_dir, tmp, name, opts), force, started)
+
+
+# file size per value: F16 2 bytes; Q8_0 34 bytes per 32 values; Q4_K_M (Q4_K with some Q6_K) measured 0.63 byte
+BYTES_PER_VALUE = {"F16": 2.0, "Q8_0": 34 / 32, "Q4_K_M": 0.63}
+
+
+def check_space(model_dir: Path, output_dir: Path, types: Sequence[str]) -> None:
+    """Refuse at once when the output's file system cannot hold the files (the F16 is always made), instead of
+    llama.cpp's 'iostream error' minutes later. The staging directory sits beside the output, on the same disk."""
+    values = hf_to_gguf.parameter_count(model_dir)
+    need = {t: values * BYTES_PER_VALUE[t] for t in GGUF_TYPES if t == "F16" or t in types}
+    where = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if free < 1.02 * sum(need.values()):
+        parts = ", ".join(f"{t} {b / 2**30:.1f}" for t, b in need.items())
+        raise ConvertError(
+            f"{where}: {free / 2**30:.1f} GiB free, the GGUFs need about {sum(need.values()) / 2**30:.1f} GiB "
+            f"({parts}); free some space or choose another --output-dir (the previous outputs stay until replaced)"
+        )
 
 
 def _write(model_dir: Path, out: Path, name: str, opts: ConvertOptions) -> stage.Built:
@@ -166,11 +208,15 @@ def _write(model_dir: Path, out: Path, name: str, opts: ConvertOptions) -> stage
         reports[qtype] = rep
         lg = rep["logits"]
         log.info(
-            "%s ok: max|Δ| %.3g, mean|Δ| %.3g, KL %.3g, top-1 %.0f%%, %d decisive, %.1f s",
+            "%s ok: weights within %.3g, max|Δ| %.3g (bound %.3g), mean|Δ| %.3g, KL %.3g (bound %.3g), top-1 %.0f%%, "
+            "%d decisive, %.1f s",
             qtype,
+            rep["weights"]["worst_rel_rms"],
             lg["max_abs"],
+            rep["bounds"]["max_abs"],
             lg["mean_abs"],
             lg["kl_mean"],
+            rep["bounds"]["kl_mean"],
             100 * lg["top1"],
             lg["decisive_positions"],
             rep["seconds"],
@@ -183,6 +229,7 @@ def _write(model_dir: Path, out: Path, name: str, opts: ConvertOptions) -> stage
     metrics = {
         "reference": {
             "dtype": "float32",
+            "layers": ref.layers,
             "positions": len(ref.text_ids),
             "prompt_tokens": len(ref.prompt_ids),
             "greedy_tokens": len(ref.greedy_ids),

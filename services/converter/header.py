@@ -1,9 +1,10 @@
 """GGUF header checks with llama.cpp's own reader (gguf.GGUFReader), against the HF model's config.
 
-Architecture `phi3`, block count, context length, widths, longrope (original context, attention factor and the
-long/short factor tensors, value for value), chat template (the HF one, verbatim), vocabulary size, the file type
-of the quantisation, a general.name that makes llama.cpp strip after special tokens as HF does, and exactly the
-tensors a stock Phi-3 has: no SO(8) gate, no LoRA leftover, nothing unknown.
+Architecture `phi3`, block count, context length, widths, rope base, RMS-norm epsilon, longrope (original
+context, attention factor and the long/short factor tensors, value for value), chat template (the HF one,
+verbatim), vocabulary size, the file type of the quantisation, a general.name that makes llama.cpp strip after
+special tokens as HF does, and exactly the tensors a stock Phi-3 has: no SO(8) gate, no LoRA leftover, nothing
+unknown.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Expected:
     head_count: int
     head_count_kv: int
     vocab_size: int
+    rope_theta: float
+    rms_norm_eps: float
     tied_embeddings: bool
     longrope: dict[str, Any] | None  # {"original_context_length", "attn_factor", "long_factor", "short_factor"}
     chat_template: str | None
@@ -68,6 +71,8 @@ class Expected:
             head_count=cfg["num_attention_heads"],
             head_count_kv=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
             vocab_size=cfg["vocab_size"],
+            rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             longrope=longrope,
             chat_template=hf_chat_template(model_dir),
@@ -139,6 +144,13 @@ def check_header(h: Header, exp: Expected, qtype: str) -> list[str]:
         if got != value:
             bad.append(f"{key.format(arch=ARCH)} is {got!r}, expected {value!r}")
 
+    def want_close(key: str, value: float) -> None:  # stored as float32
+        got = h.get(key)
+        if got is None or not math.isclose(got, value, rel_tol=1e-6):
+            bad.append(
+                f"{key.format(arch=ARCH)} is {'missing' if got is None else format(got, 'g')}, expected {value:g}"
+            )
+
     if h.fields.get(Keys.General.ARCHITECTURE) != ARCH:
         return [f"{Keys.General.ARCHITECTURE} is {h.fields.get(Keys.General.ARCHITECTURE)!r}, expected {ARCH!r}"]
     want(Keys.LLM.BLOCK_COUNT, exp.block_count)
@@ -147,6 +159,8 @@ def check_header(h: Header, exp: Expected, qtype: str) -> list[str]:
     want(Keys.LLM.FEED_FORWARD_LENGTH, exp.feed_forward_length)
     want(Keys.Attention.HEAD_COUNT, exp.head_count)
     want(Keys.Attention.HEAD_COUNT_KV, exp.head_count_kv)
+    want_close(Keys.Rope.FREQ_BASE, exp.rope_theta)
+    want_close(Keys.Attention.LAYERNORM_RMS_EPS, exp.rms_norm_eps)
     want(Keys.General.FILE_TYPE, int(gguf.LlamaFileType[GGUF_FILE_TYPES[qtype]]))  # type: ignore[index]
     name = str(h.fields.get(Keys.General.NAME, ""))
     if not any(m in name.lower() for m in PHI3_NAME_MARKERS):

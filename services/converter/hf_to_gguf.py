@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import subprocess
 import sys
@@ -79,6 +80,16 @@ def check_model_dir(model_dir: Path) -> dict:
         if not (model_dir / needed).is_file():
             raise ConvertError(f"{model_dir / needed}: not found; llama.cpp's Phi-3 vocabulary needs it")
     return cfg
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Values in the model's *.safetensors, from their headers alone (8-byte length, then JSON)."""
+    total = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            head = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        total += sum(math.prod(t["shape"]) for k, t in head.items() if k != "__metadata__")
+    return total
 
 
 def convert_f16(model_dir: Path, outfile: Path, name: str) -> float:

@@ -6,8 +6,11 @@ HF model and a GGUF never sit in memory together.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +48,8 @@ def prompt_digest() -> str:
 
 @dataclass
 class Reference:
+    model_dir: Path
+    layers: int  # the model's decoder layers (the logit bounds grow with depth)
     text_ids: list[int]
     logits: np.ndarray  # float32 [len(text_ids), vocab]
     prompt_ids: list[int]
@@ -58,24 +63,47 @@ def hf_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def compute(model_dir: str | Path, max_new: int, threads: int | None = None) -> Reference:
-    """Load the HF model in float32, take logits on check_text() and a greedy continuation of prompt_text()."""
-    import time
-
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    t0 = time.time()
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def load_model(model_dir: str | Path):
+    """The HF model in float32, for inference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].float().numpy().copy()
+
+
+def compute(model_dir: str | Path, max_new: int, threads: int | None = None) -> Reference:
+    """Load the HF model in float32, take logits on check_text() and a greedy continuation of prompt_text()."""
+    import torch
+    from transformers import AutoTokenizer
+
+    t0 = time.time()
+    with torch_threads(threads):
         tok = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model = load_model(model_dir)
         text_ids, prompt_ids = hf_ids(tok, check_text()), hf_ids(tok, prompt_text())
         stop_ids = [i for i in (tok.convert_tokens_to_ids(t) for t in STOP_TOKENS) if isinstance(i, int) and i >= 0]
+        ref_logits = logits(model, text_ids)
         with torch.inference_mode():
-            logits = model(torch.tensor([text_ids])).logits[0].float().numpy().copy()
             seq = model.generate(
                 torch.tensor([prompt_ids]),
                 attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
@@ -86,8 +114,9 @@ def compute(model_dir: str | Path, max_new: int, threads: int | None = None) -> 
             )[0, len(prompt_ids) :].tolist()
         greedy = [t for t in seq[: next((i for i, t in enumerate(seq) if t in stop_ids), len(seq))]]
         text = str(tok.decode(greedy))
+        layers = int(model.config.num_hidden_layers)
         del model
         gc.collect()
-    finally:
-        torch.set_num_threads(before)
-    return Reference(text_ids, logits, prompt_ids, greedy, stop_ids, text, time.time() - t0)
+    return Reference(
+        Path(model_dir), layers, text_ids, ref_logits, prompt_ids, greedy, stop_ids, text, time.time() - t0
+    )
