@@ -42,6 +42,18 @@ def bars() -> bool:
     return force == "1" or (force is None and sys.stderr.isatty())
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record (pytest and tools swap it), never a closed one kept from setup."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup(level: str | int | None = None) -> None:
     """Configure root logging once: time, level, stage name, message. $SO8T_LOG_LEVEL overrides. Without bars (a
     container's log, a file), the libraries' own bars are off too: transformers' "Loading weights" bar alone
@@ -53,7 +65,7 @@ def setup(level: str | int | None = None) -> None:
     level = level or os.environ.get("SO8T_LOG_LEVEL", "INFO")
     root = logging.getLogger()
     if not any(getattr(h, "_so8t", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         handler.addFilter(OncePerMessage())
         handler._so8t = True  # type: ignore[attr-defined]
