@@ -79,8 +79,37 @@ def get(name: str) -> logging.Logger:
     return logging.getLogger(f"so8t.{name}")
 
 
+LOG_PROGRESS_EVERY = 60.0  # seconds between the progress lines of a long loop when there is no bar
+
+
+class _ProgressLines:
+    """tqdm's output turned into log lines (a container's log, a file): one INFO line per update."""
+
+    def write(self, text: str) -> None:
+        text = text.strip("\r\n ")
+        if text:
+            get("progress").info("%s", text)
+
+    def flush(self) -> None:
+        pass
+
+
 def progress(
     iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"
 ) -> tqdm:
-    """A progress bar on stderr; quiet when stderr is not a terminal unless $SO8T_PROGRESS=1."""
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not bars(), dynamic_ncols=True, mininterval=0.5)
+    """A progress bar on stderr when it is a terminal (or $SO8T_PROGRESS=1). Otherwise a loop that outlasts
+    LOG_PROGRESS_EVERY logs a line that often ("eval Q8_0 val: 3/20 [05:12<29:28, 104.00s/rec]") and one at its end,
+    so a long stage in a container is never silent; a shorter loop logs nothing ($SO8T_PROGRESS=0: nothing at all)."""
+    if bars():
+        return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=_ProgressLines(),
+        disable=os.environ.get("SO8T_PROGRESS") == "0",
+        delay=LOG_PROGRESS_EVERY,
+        mininterval=LOG_PROGRESS_EVERY,
+        bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]",
+    )

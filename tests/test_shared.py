@@ -144,3 +144,28 @@ def test_every_cli_command_has_help():
             timeout=120,
         )
         assert sub.returncode == 0 and "usage:" in sub.stdout, (name, sub.stderr[-2000:])
+
+
+def test_long_loops_log_progress_lines_without_a_bar(monkeypatch, caplog):
+    """No terminal (a container's log): a loop longer than LOG_PROGRESS_EVERY logs a line that often and one at its
+    end, a short loop nothing, and $SO8T_PROGRESS=0 silences both."""
+    import time
+
+    from shared import logs
+
+    monkeypatch.setattr(logs, "LOG_PROGRESS_EVERY", 0.2)
+    monkeypatch.delenv("SO8T_PROGRESS", raising=False)
+    monkeypatch.setattr(logs, "bars", lambda: False)
+    caplog.set_level("INFO", logger="so8t.progress")
+    for _ in logs.progress(range(2), desc="short", unit="rec"):
+        pass
+    for _ in logs.progress(range(8), desc="long", unit="rec"):
+        time.sleep(0.1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "so8t.progress"]
+    assert not any(line.startswith("short") for line in lines)
+    assert 2 <= len(lines) <= 6 and lines[-1].startswith("long: 8/8 ["), lines
+    caplog.clear()
+    monkeypatch.setenv("SO8T_PROGRESS", "0")
+    for _ in logs.progress(range(4), desc="off", unit="rec"):
+        time.sleep(0.1)
+    assert not caplog.records

@@ -75,6 +75,8 @@ def check_file(
     report["weights"] = own.summary()
     report["noise"] = compare.compare(ref.logits, own.logits)
     problems = weight_problems(own, limits.weight_rel_rms)
+    if not problems and not report["noise"]["finite"]:
+        problems = ["the HF model given the file's dequantised weights computes non-finite logits"]
     if problems:
         raise CheckFailed(qtype, problems, report)
     n_ctx = max(opts.n_ctx, len(ref.text_ids), len(ref.prompt_ids) + opts.smoke_tokens)
@@ -90,6 +92,7 @@ def check_file(
         report["tokens"] = token_report(ref, ids["check"], ids["prompt"])
         got = llama.logits(llm, ref.text_ids)  # HF's ids on both sides: the logits compare the models alone
         lg = report["logits"] = compare.compare(ref.logits, got)
+        report["runtime"] = compare.compare(own.logits, got)  # llama.cpp vs HF on the same weights: the runtime alone
         if lg["finite"]:
             report["bounds"] = limits.bounds(lg["reference_max_abs"], ref.layers, report["noise"], opts.noise_margin)
         reasons = compare.failures(lg, report.get("bounds", {}))
@@ -208,8 +211,8 @@ def _write(model_dir: Path, out: Path, name: str, opts: ConvertOptions) -> stage
         reports[qtype] = rep
         lg = rep["logits"]
         log.info(
-            "%s ok: weights within %.3g, max|Δ| %.3g (bound %.3g), mean|Δ| %.3g, KL %.3g (bound %.3g), top-1 %.0f%%, "
-            "%d decisive, %.1f s",
+            "%s ok: weights within %.3g, max|Δ| %.3g (bound %.3g), mean|Δ| %.3g, KL %.3g (bound %.3g; HF on the "
+            "file's weights %.3g, llama.cpp vs that %.3g), top-1 %.0f%%, %d decisive, %.1f s",
             qtype,
             rep["weights"]["worst_rel_rms"],
             lg["max_abs"],
@@ -217,6 +220,8 @@ def _write(model_dir: Path, out: Path, name: str, opts: ConvertOptions) -> stage
             lg["mean_abs"],
             lg["kl_mean"],
             rep["bounds"]["kl_mean"],
+            rep["noise"]["kl_mean"],
+            rep["runtime"]["kl_mean"],
             100 * lg["top1"],
             lg["decisive_positions"],
             rep["seconds"],
