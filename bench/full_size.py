@@ -493,9 +493,15 @@ def _describe(name: str, r: dict) -> tuple[str, str]:
             f"the un-rotated merge {r.get('unrotated', 0):.2f}), top-1 {r.get('top1', 0):.1%}"
         )
     if name == "convert":
-        return f"{r.get('sizes_gib')}", f"{r.get('checks')}"
-    if name == "eval":
-        return "", " ".join(r.get("table", [])[2:5])
+        sizes = ", ".join(f"{f[:-5].rsplit('-', 1)[-1]} {g}" for f, g in r.get("sizes_gib", {}).items())
+        return f"{sizes} GiB", "; ".join(f"{q}: {c}" for q, c in r.get("checks", {}).items())
+    if name == "eval":  # its report's model rows: model | split | n | format | ... | withheld | leaks | chrF | tok/s | ...
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in r.get("table", [])[2:]]
+        return "", "; ".join(
+            f"{c[0]}: {c[2]} {c[1]} records, format {c[3]}, withheld {c[10]}, {c[13]} tok/s"
+            for c in rows
+            if len(c) > 14
+        )
     if name == "serve":
         return "", f"/think {r.get('think_status')} {r.get('think_answer', '')[:60]!r}; /v1 {r.get('chat_status')}"
     if name == "twin":
