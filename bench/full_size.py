@@ -495,7 +495,7 @@ def _describe(name: str, r: dict) -> tuple[str, str]:
     if name == "convert":
         sizes = ", ".join(f"{f[:-5].rsplit('-', 1)[-1]} {g}" for f, g in r.get("sizes_gib", {}).items())
         return f"{sizes} GiB", "; ".join(f"{q}: {c}" for q, c in r.get("checks", {}).items())
-    if name == "eval":  # its report's model rows: model | split | n | format | ... | withheld | leaks | chrF | tok/s | ...
+    if name == "eval":  # report rows: model | split | n | format | ... | withheld | leaks | chrF | tok/s | ...
         rows = [[c.strip() for c in line.strip("|").split("|")] for line in r.get("table", [])[2:]]
         return "", "; ".join(
             f"{c[0]}: {c[2]} {c[1]} records, format {c[3]}, withheld {c[10]}, {c[13]} tok/s"
