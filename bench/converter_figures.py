@@ -44,8 +44,10 @@ def rows(label: str, m: dict) -> list[str]:
         lg, o = rep["logits"], m["outputs"][qtype]
         dec = f"{lg['decisive_positions']}: {pct(lg['top1_decisive'])}" if lg["decisive_positions"] else "0: n/a"
         out.append(
-            f"| {label} | {qtype} | {o['bytes'] / 2**20:.2f} | {lg['max_abs']:.3g} | {rep['bounds']['max_abs']:.3g} "
-            f"| {lg['mean_abs']:.3g} | {lg['kl_mean']:.3g} | {pct(lg['top1'])} | {pct(lg['top5'])} | {dec} "
+            f"| {label} | {qtype} | {o['bytes'] / 2**20:.2f} | {rep['weights']['worst_rel_rms']:.2g} "
+            f"| {lg['max_abs']:.3g} | {rep['bounds']['max_abs']:.3g} | {lg['mean_abs']:.3g} | {lg['kl_mean']:.3g} "
+            f"| {rep['noise']['kl_mean']:.3g} | {rep['runtime']['kl_mean']:.3g} "
+            f"| {pct(lg['top1'])} | {pct(lg['top5'])} | {dec} "
             f"| {rep['produce_seconds']:.2f} | {rep['check_seconds']:.2f} |"
         )
     return out
@@ -77,10 +79,10 @@ def main() -> int:
             f"threads {args.threads or os.cpu_count()}\n"
         )
         print(
-            "| model | type | size MiB | max\\|Δ\\| | bound | mean\\|Δ\\| | KL | top-1 | top-5 | decisive: top-1 "
-            "| produce s | check s |"
+            "| model | type | size MiB | weights | max\\|Δ\\| | bound | mean\\|Δ\\| | KL | own KL | run KL | top-1 "
+            "| top-5 | decisive: top-1 | produce s | check s |"
         )
-        print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+        print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
         for label, res in results.items():
             print("\n".join(rows(label, res.manifest)))
         print()
