@@ -544,6 +544,20 @@ def test_too_little_disk_fails_at_once_naming_the_need(tmp_path, monkeypatch, co
         convert(tiny_model_dir, out, NAME, _opts(types=["F16"]), force=True)  # the F16 alone fits
 
 
+def test_too_little_ram_fails_at_once_naming_the_need(tmp_path, monkeypatch, converted, tiny_model_dir):
+    from services.converter import convert as convert_module
+
+    out = _copy_dir(converted.output, tmp_path / "out")
+    before = _snapshot(out)
+    monkeypatch.setattr(convert_module, "available_ram", lambda: 1 << 30)
+    monkeypatch.setattr(convert_module.reference, "compute", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(
+        ConvertError, match=r"float32 on the CPU: 2\.\d GiB of RAM needed, this process may use 1\.0 GiB"
+    ):
+        convert(tiny_model_dir, out, NAME, _opts(), force=True)
+    assert _snapshot(out) == before
+
+
 @pytest.mark.parametrize("name", ["", "a/b", "../up", ".hidden", "two words", "tab\there", "ü"])
 def test_invalid_name(tmp_path, tiny_model_dir, name):
     with pytest.raises(ConvertError, match="--name"):

@@ -35,6 +35,7 @@ import torch
 from services.baker.options import BakeOptions
 from shared import logs
 from shared.errors import CheckFailed, InputError
+from shared.memory import available_ram
 from shared.think_format import Thinking, render_assistant, render_chat
 
 log = logs.get("bake")
@@ -161,26 +162,6 @@ class Placement:
             if self.device.type == "cpu"
             else f"{self.device} ({torch.cuda.get_device_name(self.device)})"
         )
-
-
-def available_ram() -> int:
-    """Bytes this process may still allocate: MemAvailable, capped by its cgroup's memory limit (a container's)."""
-    avail = None
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    limits = []
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
-    ):
-        with contextlib.suppress(OSError, ValueError):
-            limit = Path(limit_file).read_text().strip()
-            if limit != "max" and int(limit) < 1 << 60:
-                limits.append(int(limit) - int(Path(usage_file).read_text().strip()))
-    known = [v for v in (avail, *limits) if v is not None]
-    return max(0, min(known)) if known else 1 << 62
 
 
 def _check_ram(host_bytes: int, where: str) -> None:

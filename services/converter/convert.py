@@ -23,6 +23,7 @@ from services.converter.hf_to_gguf import ConvertError
 from services.converter.options import REFERENCE_LAYERS, ConvertOptions
 from shared import errors, logs, manifest, stage
 from shared.layout import GGUF_TYPES, gguf_name
+from shared.memory import available_ram
 
 log = logs.get("convert")
 STAGE = "convert"
@@ -165,7 +166,9 @@ def convert(
         raise ConvertError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (it becomes the file name)")
     hf_to_gguf.check_model_dir(model_dir)
     hf_to_gguf.converter_script()
-    check_space(model_dir, Path(output_dir), opts.types)
+    values = hf_to_gguf.parameter_count(model_dir)
+    check_space(values, Path(output_dir), opts.types)
+    check_ram(values)
     spec = stage.Spec(STAGE, Path(output_dir), {"model": stage.verified_input(model_dir)}, stage_config(name, opts))
     return stage.run(spec, lambda tmp: _write(model_dir, tmp, name, opts), force, started)
 
@@ -174,10 +177,9 @@ def convert(
 BYTES_PER_VALUE = {"F16": 2.0, "Q8_0": 34 / 32, "Q4_K_M": 0.63}
 
 
-def check_space(model_dir: Path, output_dir: Path, types: Sequence[str]) -> None:
+def check_space(values: int, output_dir: Path, types: Sequence[str]) -> None:
     """Refuse at once when the output's file system cannot hold the files (the F16 is always made), instead of
     llama.cpp's 'iostream error' minutes later. The staging directory sits beside the output, on the same disk."""
-    values = hf_to_gguf.parameter_count(model_dir)
     need = {t: values * BYTES_PER_VALUE[t] for t in GGUF_TYPES if t == "F16" or t in types}
     where = next(p for p in (output_dir, *output_dir.parents) if p.exists())
     free = shutil.disk_usage(where).free
@@ -186,6 +188,21 @@ def check_space(model_dir: Path, output_dir: Path, types: Sequence[str]) -> None
         raise ConvertError(
             f"{where}: {free / 2**30:.1f} GiB free, the GGUFs need about {sum(need.values()) / 2**30:.1f} GiB "
             f"({parts}); free some space or choose another --output-dir (the previous outputs stay until replaced)"
+        )
+
+
+REFERENCE_SLACK = 2 << 30  # beyond the float32 weights: torch, the tokenizer, the logits, a dequantised tensor
+
+
+def check_ram(values: int) -> None:
+    """The checks run the HF model in float32 on the CPU (15.3 GB for Phi-3.5-mini): refuse at once when this
+    process may not use that much, instead of an OOM kill that a restart policy would repeat."""
+    need, have = 4 * values + REFERENCE_SLACK, available_ram()
+    if need > have:
+        raise ConvertError(
+            f"the checks run the model in float32 on the CPU: {need / 2**30:.1f} GiB of RAM needed, this process may "
+            f"use {have / 2**30:.1f} GiB; give it more memory (close other programs, or raise the container's memory "
+            "limit) or convert on a bigger machine; nothing was written"
         )
 
 
