@@ -184,11 +184,16 @@ def check_space(values: int, output_dir: Path, types: Sequence[str]) -> None:
     where = next(p for p in (output_dir, *output_dir.parents) if p.exists())
     free = shutil.disk_usage(where).free
     if free < 1.02 * sum(need.values()):
-        parts = ", ".join(f"{t} {b / 2**30:.1f}" for t, b in need.items())
+        parts = ", ".join(f"{t} {_size(b)}" for t, b in need.items())
         raise ConvertError(
-            f"{where}: {free / 2**30:.1f} GiB free, the GGUFs need about {sum(need.values()) / 2**30:.1f} GiB "
-            f"({parts}); free some space or choose another --output-dir (the previous outputs stay until replaced)"
+            f"{where}: No space left on device for the GGUFs: {_size(free)} free, about {_size(sum(need.values()))} "
+            f"needed ({parts}); free some space or choose another --output-dir (the previous outputs stay until "
+            "replaced)"
         )
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 REFERENCE_SLACK = 2 << 30  # beyond the float32 weights: torch, the tokenizer, the logits, a dequantised tensor
