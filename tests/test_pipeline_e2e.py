@@ -108,20 +108,21 @@ def test_chain_produces_every_artifact_with_its_figures(data, first_run):
 
 
 def _assert_safety_sections(figures: dict) -> None:
-    """The eval as a safety gate: rates with intervals on every split (the probe's 106 records: 40 harmful, 46
-    harmless, 20 to escalate), label scores, every model paired against the F16, the acceptance verdicts."""
+    """The eval as a safety gate: rates with intervals on every split (the tiny profile's seeded 40 of the probe's
+    106 records: 15 harmful, 18 harmless, 7 to escalate), label scores, every model paired against the F16, the
+    acceptance verdicts."""
     models = figures["models"]
-    assert models["Q4_K_M"]["splits"]["probe"]["records"] == 106
+    assert models["Q4_K_M"]["splits"]["probe"]["records"] == 40
     for name in models:
         probe = figures["safety"][name]["probe"]
         counts = {k: probe[k]["n"] for k in ("false_allow", "over_refusal", "escalation_recall")}
-        assert counts == {"false_allow": 40, "over_refusal": 46, "escalation_recall": 20}, (name, counts)
+        assert counts == {"false_allow": 15, "over_refusal": 18, "escalation_recall": 7}, (name, counts)
         for split, f in figures["safety"][name].items():
             for key in ("false_allow", "over_refusal", "escalation_recall"):
                 r = f[key]
                 assert r["n"] == 0 or r["ci95"][0] <= r["rate"] <= r["ci95"][1], (name, split, key, r)
         scores = figures["label_scores"][name]["probe"]
-        assert scores["records"] == 106 and 0 <= scores["mean_total"] <= 1 + 1e-6, scores
+        assert scores["records"] == 40 and 0 <= scores["mean_total"] <= 1 + 1e-6, scores
         assert set(figures["acceptance"][name]) == {"passed", "splits", "reasons"}
     assert set(figures["paired"]) == {"base", "Q8_0", "Q4_K_M"}
     q4 = figures["paired"]["Q4_K_M"]["train"]
