@@ -559,6 +559,7 @@ def test_too_little_ram_fails_at_once_naming_the_need(tmp_path, monkeypatch, con
     ):
         convert(tiny_model_dir, out, NAME, _opts(), force=True)
     assert _snapshot(out) == before
+    assert convert(tiny_model_dir, out, NAME, _opts()).skipped  # up to date: a skip needs no RAM
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "../up", ".hidden", "two words", "tab\there", "ü"])

@@ -166,10 +166,11 @@ def convert(
         raise ConvertError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (it becomes the file name)")
     hf_to_gguf.check_model_dir(model_dir)
     hf_to_gguf.converter_script()
-    values = hf_to_gguf.parameter_count(model_dir)
-    check_space(values, Path(output_dir), opts.types)
-    check_ram(values)
     spec = stage.Spec(STAGE, Path(output_dir), {"model": stage.verified_input(model_dir)}, stage_config(name, opts))
+    if force or spec.current() is None:  # a conversion will run (a skip needs no disk or RAM): can it finish?
+        values = hf_to_gguf.parameter_count(model_dir)
+        check_space(values, spec.output, opts.types)
+        check_ram(values)
     return stage.run(spec, lambda tmp: _write(model_dir, tmp, name, opts), force, started)
 
 
