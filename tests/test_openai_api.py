@@ -290,9 +290,12 @@ def test_models_and_the_api_key(served, ok):
 @pytest.mark.parametrize("fmt", ["simple", "quadruple"])
 @pytest.mark.parametrize("label", ["ALLOW", "DENY", "REFUSE", "ESCALATION"])
 def test_content_is_what_think_answers_streamed_or_not(served, standin, ok, fmt, label):
-    text = good_reply(label, fmt=fmt)
+    # an answer long enough that far more than STREAM_HOLD of it is sent while it is generated, at a pace the pump
+    # cannot batch into a few chunks even on a loaded machine (CI once saw 3 chunks of a 30-character answer at 2 ms)
+    final = "2+2は4です。" + "足し算の基本で、いつでも同じ答えになります。" * 4
+    text = good_reply(label, fmt=fmt, final=final)
     standin.reply = lambda prompt: text  # type: ignore[method-assign]
-    standin.pace_s = 0.002
+    standin.pace_s = 0.01
     try:
         think = httpx.post(
             f"{served.url}/think", json={"prompt": "2+2は？"}, headers={"X-API-Key": KEY}, timeout=30
@@ -318,7 +321,8 @@ def test_content_is_what_think_answers_streamed_or_not(served, standin, ok, fmt,
     assert final.choices[0].finish_reason == "stop" and final.so8t["safety_label"] == label
     assert chunks[0].choices[0].delta.role == "assistant"
     if label in ("ALLOW", "DENY"):  # the answer streams in pieces as it is generated
-        assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content) > 3
+        pieces = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
+        assert len(pieces) > 3, pieces
     else:  # the fixed text, at the end
         assert [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content] == [
             think["answer"]
