@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
+from pipeline_runs import tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_TOKENIZER = Path(os.environ.get("SO8T_REAL_TOKENIZER", REPO.parent / "shared" / "fixtures" / "phi35-tokenizer"))
@@ -52,3 +54,13 @@ def tiny_gguf_dir(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny_gguf")
     convert(tiny_model_dir, out, "tiny")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chain(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The tiny profile's whole chain, native, on a fresh data folder, run once a session: the end-to-end tests
+    check it, the stack tests compare their containers' training with it (deterministic: bitwise the same)."""
+    data = tmp_path_factory.mktemp("data")
+    r = tiny_pipeline(data)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return data, r

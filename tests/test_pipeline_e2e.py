@@ -8,33 +8,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from pipeline_runs import tiny_pipeline
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def _pipeline(data: Path, *extra: str, wait: bool = True):
-    env = dict(os.environ, PYTHONPATH=str(REPO), SO8T_PROGRESS="0", OLLAMA_HOST="http://127.0.0.1:9")
-    argv = [
-        sys.executable,
-        "-m",
-        "services.pipeline",
-        "--config",
-        "configs/pipeline/tiny.yaml",
-        "--data-dir",
-        str(data),
-        *extra,
-    ]
-    if not wait:
-        return subprocess.Popen(
-            argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-        )
-    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
 
 
 def _manifest(path: Path) -> dict:
@@ -42,15 +22,13 @@ def _manifest(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
+def data(tiny_chain) -> Path:
+    return tiny_chain[0]
 
 
 @pytest.fixture(scope="module")
-def first_run(data):
-    r = _pipeline(data)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    return r
+def first_run(tiny_chain) -> subprocess.CompletedProcess:
+    return tiny_chain[1]
 
 
 def test_chain_produces_every_artifact_with_its_figures(data, first_run):
@@ -132,7 +110,7 @@ def _assert_safety_sections(figures: dict) -> None:
 
 
 def test_second_run_skips_every_stage(data, first_run):
-    r = _pipeline(data)
+    r = tiny_pipeline(data)
     assert r.returncode == 0, r.stdout[-4000:]
     status = json.loads((data / "runs" / "tiny" / "status.json").read_text())
     assert {n: s["state"] for n, s in status["stages"].items()} == {
@@ -142,7 +120,7 @@ def test_second_run_skips_every_stage(data, first_run):
 
 def test_killed_trainer_resumes_and_finishes(data, first_run):
     run = data / "runs" / "tiny-kill" / "train"
-    proc = _pipeline(data, "--run-id", "tiny-kill", wait=False)
+    proc = tiny_pipeline(data, "--run-id", "tiny-kill", wait=False)
     deadline = time.time() + 600
     try:
         while time.time() < deadline:
@@ -157,7 +135,7 @@ def test_killed_trainer_resumes_and_finishes(data, first_run):
         os.killpg(proc.pid, signal.SIGKILL)  # power loss: the orchestrator and the trainer die at once
         proc.wait()
     assert not (run / "final" / "manifest.json").exists()
-    r = _pipeline(data, "--run-id", "tiny-kill", "--no-smoke")
+    r = tiny_pipeline(data, "--run-id", "tiny-kill", "--no-smoke")
     assert r.returncode == 0, r.stdout[-4000:]
     assert "resum" in (data / "runs" / "tiny-kill" / "logs" / "train.log").read_text().lower()
     done = _manifest(run / "final")

@@ -16,8 +16,6 @@ Needs root (dockerd, debootstrap) and Debian's packages; skipped, with the reaso
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -25,13 +23,12 @@ import pytest
 from safetensors.torch import load_file
 
 from services.pipeline.config import PipelineConfig
-from services.pipeline.plan import plan
 from services.trainer import artifact
 from shared.config import load_config
 from shared.layout import Layout
 
 pytest.register_assert_rewrite("stack_fixtures")  # before its import here, as pytest_plugins would
-from stack_fixtures import PROFILE, REPO, UID, Stack, cpu_engine  # noqa: E402
+from stack_fixtures import PROFILE, UID, Stack, cpu_engine  # noqa: E402
 
 # the engine with the images (session-wide, shared with the deploy test), the data folder, the test order
 pytest_plugins = ["stack_fixtures"]
@@ -39,17 +36,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.stack]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
-    """The same profile's dataset and training, natively and uninterrupted."""
-    root = tmp_path_factory.mktemp("native")
-    cfg = load_config(PipelineConfig, PROFILE)
-    env = dict(os.environ, DATA_DIR=str(root), SO8T_PROGRESS="0")
-    for stage in plan(cfg, Layout(root)):
-        if stage.name in ("tiny-model", "dataset", "train"):
-            for argv in stage.commands:
-                r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-                assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return _tensors(Layout(root).run(cfg.run_id).final)
+def reference(tiny_chain) -> dict:
+    """The same profile's training, native and uninterrupted (the session's tiny chain)."""
+    return _tensors(Layout(tiny_chain[0]).run(load_config(PipelineConfig, PROFILE).run_id).final)
 
 
 def _tensors(final: Path) -> dict:
