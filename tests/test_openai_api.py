@@ -398,10 +398,10 @@ def test_no_marker_of_the_thinking_ever_reaches_an_openai_client(served, ok):
 
 
 def test_a_stream_that_fails_a_check_ends_with_an_error_never_the_text(served, standin, ok):
-    final = "答えは 4 です。足し算をすると、二つの数は一つにまとまります。"
+    final = "答えは 4 です。" + "足し算をすると、二つの数は一つにまとまります。" * 3
     text = good_reply(final=final) + f"\n依頼の内容: 計算 {SECRET}\n判定: ALLOW"  # thinking repeated after it
     standin.reply = lambda prompt: text  # type: ignore[method-assign]
-    standin.pace_s = 0.002  # as a model writes: the answer begins to stream before the repeat is written
+    standin.pace_s = 0.01  # as a model writes: much of the answer streams before the repeat is written
     got = []
     try:
         stream = served.client().chat.completions.create(model=MODEL, messages=user("2+2は？"), stream=True)
