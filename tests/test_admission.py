@@ -138,9 +138,9 @@ def test_health_401_and_422_answer_at_once_while_the_model_is_busy_and_the_queue
                 t0 = time.perf_counter()
                 assert call().status_code == status
                 times[name].append(time.perf_counter() - t0)
-    for name, ts in times.items():
-        p99 = statistics.quantiles(ts, n=100)[98]
-        assert p99 < 0.25, f"{name}: p99 {p99 * 1000:.0f} ms while generations run and the queue is full"
+    for name, ts in times.items():  # behind the 4-second generations, any of them would take seconds
+        median, worst = statistics.median(ts), max(ts)
+        assert median < 0.1 and worst < 1.0, f"{name}: median {median * 1000:.0f} ms, worst {worst * 1000:.0f} ms"
 
 
 @pytest.mark.parametrize("stream", [False, True])
