@@ -357,16 +357,14 @@ def test_no_marker_of_the_thinking_ever_reaches_an_openai_client(served, ok):
     them, every family, keep the suite inside its budget)."""
     before = verify(served.db).rows if served.db.exists() else 0
     clients = [served.client() for _ in range(2)]
-    whole = 0
 
-    def one(i: int) -> list[str]:
-        nonlocal whole
+    def one(i: int) -> tuple[list[str], int]:
+        """(problems, whole requests asked) for case i."""
         _, prompt, output = CASES[i]
         c = clients[i % len(clients)]
         expected = gate.decide(output, prompt, ServerSecret.ephemeral())
         problems = []
         modes = (False, True) if expected.status != "withheld" or i % 4 == 0 else (True,)
-        whole += len(modes) - 1
         for stream in modes:
             content, received = _received(c, f"case {i}", stream)
             if MARKER_RE.search(received):
@@ -375,10 +373,12 @@ def test_no_marker_of_the_thinking_ever_reaches_an_openai_client(served, ok):
                 problems.append(f"case {i} stream={stream}: {content!r} != /think's {expected.answer!r}")
             if expected.status == "withheld" and not stream and content is not None:
                 problems.append(f"case {i}: a withheld reply was answered")
-        return problems
+        return problems, len(modes) - 1
 
     with ThreadPoolExecutor(len(clients)) as pool:
-        problems = [p for ps in pool.map(one, range(len(CASES))) for p in ps]
+        results = list(pool.map(one, range(len(CASES))))
+    problems = [p for ps, _ in results for p in ps]
+    whole = sum(n for _, n in results)
     assert not problems, f"{len(problems)} problems, first: {problems[:3]}"
     secret_file = served.tmp / "config" / "server.secret"
     after = verify(served.db, ServerSecret.load(secret_file, create=False))
